@@ -1,0 +1,178 @@
+"""Measure a run's quality: are the precomputed neighbours right, and the right kind?
+
+``python -m pipeline.evaluate --run=RUN_DIR [--labels=MANIFEST --label_column=articleType]
+[--k=10] [--sample=2000]`` prints and writes ``RUN_DIR/evaluation.json``:
+
+- recall@k of the published neighbours against exact cosine search on the stored vectors
+  (on a sample of products): does the index lose true neighbours?
+- precision@k by a label column, both for exact search and for the published lists: the
+  share of a product's k neighbours with the same label (articleType, category…) — the
+  figure that says whether "looks like this" shows the same kind of product;
+- coverage: the share of products with a full list;
+- the distribution of top-1 and k-th similarities, and failed rows by reason.
+
+``python -m pipeline.evaluate --compare RUN_A RUN_B … --labels=… --label_column=…`` prints one
+row per run (model, dim, precision@k, recall@k, embed time) to answer "which embedding is
+better for my catalogue?".
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob as globlib
+import json
+import sys
+
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline import files, similarity_search
+from pipeline.features import feature_files, read_feature_matrix
+from transforms.read_catalog import ReadManifestRowsFn, inspect_catalog
+
+EVALUATION_FILE = "evaluation.json"
+
+
+def read_neighbors(run_dir: str) -> dict[str, list[tuple[str, float]]]:
+    """The published neighbour lists of a run, by product id."""
+    pattern = files.join(run_dir, "neighbors", "neighbors-*.jsonl")
+    out = {}
+    for match in FileSystems.match([pattern])[0].metadata_list:
+        with FileSystems.open(match.path) as handle:
+            for line in handle:
+                if line.strip():
+                    record = json.loads(line)
+                    out[record["product_id"]] = [(n["product_id"], n["similarity"])
+                                                 for n in record["neighbors"]]
+    return out
+
+
+def read_labels(manifest: str, label_column: str, id_column: str = "product_id",
+                image_column: str = "image") -> dict[str, str]:
+    """product id → label from a labelled manifest (rows without a label are skipped)."""
+    info = inspect_catalog(manifest, id_column, image_column)
+    carried = {name: out for name, out, _ in info.carried}
+    if label_column not in carried:
+        raise ValueError(f"{manifest} has no column {label_column!r}")
+    labels = {}
+    for row in ReadManifestRowsFn(info).process(manifest):
+        value = row["extra"].get(carried[label_column])
+        if row.get("product_id") and value not in (None, ""):
+            labels[row["product_id"]] = str(value)
+    return labels
+
+
+def _precision(ids: list[str], neighbor_ids: list[list[str]], labels: dict, k: int):
+    hits, total = 0, 0
+    for pid, neighbors in zip(ids, neighbor_ids):
+        label = labels.get(pid)
+        if label is None:
+            continue
+        top = neighbors[:k]
+        if not top:
+            continue
+        hits += sum(labels.get(n) == label for n in top)
+        total += len(top)
+    return round(hits / total, 4) if total else None
+
+
+def _quantiles(values) -> dict:
+    if not len(values):
+        return {}
+    qs = np.quantile(np.asarray(values, dtype=np.float64), [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0])
+    return {name: round(float(q), 4)
+            for name, q in zip(("min", "p05", "p25", "median", "p75", "p95", "max"), qs)}
+
+
+def evaluate_run(run_dir: str, labels: dict | None = None, k: int = 10,
+                 sample: int = 2000, seed: int = 0) -> dict:
+    """Evaluation figures of one run (see the module docstring)."""
+    matrix = read_feature_matrix(feature_files(files.join(run_dir, "features")))
+    published = read_neighbors(run_dir)
+    manifest_path = files.join(run_dir, "manifest.json")
+    manifest = files.read_json(manifest_path) if FileSystems.exists(manifest_path) else {}
+    top_k = manifest.get("top_k") or max((len(v) for v in published.values()), default=k)
+    n = matrix.count
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, size=min(sample, n), replace=False)) if n else np.array([], int)
+    exact_idx, exact_sims = similarity_search.exact_top_k(
+        matrix.vectors[rows], matrix.vectors, top_k, query_rows=rows) if n > 1 else ([], [])
+    ids = matrix.product_ids
+    sample_ids = [ids[r] for r in rows]
+    exact_lists = [[ids[j] for j in row] for row in exact_idx]
+    published_lists = [[pid for pid, _ in published.get(pid, [])] for pid in sample_ids]
+    recall_hits = sum(len(set(p[:top_k]) & set(e[:top_k]))
+                      for p, e in zip(published_lists, exact_lists))
+    recall_total = sum(len(e[:top_k]) for e in exact_lists)
+    expected = min(top_k, max(0, n - 1))
+    full = sum(1 for v in published.values() if len(v) >= expected)
+    result = {
+        "run": run_dir,
+        "model": matrix.model_id,
+        "dim": int(matrix.vectors.shape[1]) if n else 0,
+        "products": n,
+        "k": k,
+        "top_k": top_k,
+        "sample": len(rows),
+        f"recall@{top_k}": round(recall_hits / recall_total, 4) if recall_total else None,
+        "coverage": round(full / len(published), 4) if published else 0.0,
+        "similarity": {
+            "top1": _quantiles([v[0][1] for v in published.values() if v]),
+            f"top{top_k}": _quantiles([v[-1][1] for v in published.values()
+                                       if len(v) >= expected and v]),
+        },
+        "failed_by_reason": manifest.get("counts", {}).get("failed_by_reason", {}),
+        "embed_wall_seconds": manifest.get("timings", {}).get("wall_seconds"),
+    }
+    if labels:
+        result["labelled"] = sum(1 for pid in ids if pid in labels)
+        result[f"precision@{k}_exact"] = _precision(sample_ids, exact_lists, labels, k)
+        result[f"precision@{k}_published"] = _precision(sample_ids, published_lists, labels, k)
+    return result
+
+
+def comparison_table(results: list[dict], k: int) -> str:
+    """One row per run: the numbers that decide which embedding to use."""
+    header = ["run", "model", "dim", f"precision@{k}", "recall", "wall s"]
+    rows = [header]
+    for r in results:
+        recall = next((v for key, v in r.items() if key.startswith("recall@")), None)
+        rows.append([r["run"], str(r["model"]), str(r["dim"]),
+                     str(r.get(f"precision@{k}_published", "-")), str(recall),
+                     str(r.get("embed_wall_seconds"))])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def main(argv=None) -> int:
+    """Console entry: evaluate one run (and write evaluation.json) or compare several."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", help="run output directory")
+    parser.add_argument("--compare", nargs="+", help="several run directories")
+    parser.add_argument("--labels", help="labelled manifest (e.g. catalog.csv)")
+    parser.add_argument("--label_column", default="articleType")
+    parser.add_argument("--id_column", default="product_id")
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--sample", type=int, default=2000)
+    args = parser.parse_args(argv)
+    if not args.run and not args.compare:
+        parser.error("give --run or --compare")
+    labels = (read_labels(args.labels, args.label_column, args.id_column, args.image_column)
+              if args.labels else None)
+    if args.compare:
+        results = [evaluate_run(run, labels, args.k, args.sample)
+                   for pattern in args.compare for run in (sorted(globlib.glob(pattern))
+                                                           or [pattern])]
+        print(comparison_table(results, args.k))
+        return 0
+    result = evaluate_run(args.run, labels, args.k, args.sample)
+    if labels:
+        result["label_column"] = args.label_column
+    files.write_json(files.join(args.run, EVALUATION_FILE), result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

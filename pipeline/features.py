@@ -1,0 +1,69 @@
+"""Read the ``features/`` Parquet contract back: ids, vectors and the model they came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+
+class MixedModelsError(ValueError):
+    """Features of different models cannot share one index."""
+
+
+@dataclass
+class FeatureMatrix:
+    """All embeddings of a run, one row per product, sorted by product id."""
+
+    product_ids: list[str]
+    vectors: np.ndarray  # float32 [N, D], L2-normalised
+    model_id: str | None
+
+    @property
+    def count(self) -> int:
+        return len(self.product_ids)
+
+
+def feature_files(features_dir: str) -> list[str]:
+    """The Parquet shards under a run's ``features/`` directory, sorted."""
+    pattern = FileSystems.join(features_dir, "*.parquet")
+    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+
+
+def _read_table(path: str, columns: list[str]) -> pa.Table:
+    with FileSystems.open(path) as handle:
+        return pq.read_table(pa.PythonFile(handle, mode="r"), columns=columns)
+
+
+def read_feature_matrix(paths: list[str]) -> FeatureMatrix:
+    """Load ids and embeddings from feature shards, sorted by product id.
+
+    Refuses shards whose rows come from more than one model, and duplicate ids,
+    because either would make the neighbours meaningless.
+    """
+    tables = [_read_table(p, ["product_id", "embedding", "model"]) for p in paths]
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return FeatureMatrix([], np.zeros((0, 0), dtype=np.float32), None)
+    table = pa.concat_tables(tables)
+    models = sorted(set(table.column("model").to_pylist()))
+    if len(models) > 1:
+        raise MixedModelsError(
+            f"features come from {len(models)} models ({', '.join(models)}); one index needs "
+            f"one model — re-embed the catalogue with a single --model")
+    ids = table.column("product_id").to_pylist()
+    embedding = table.column("embedding").combine_chunks()
+    flat = embedding.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    dim = flat.size // len(ids) if ids else 0
+    if dim * len(ids) != flat.size:
+        raise ValueError("feature rows have embeddings of different lengths")
+    vectors = flat.reshape(len(ids), dim)
+    order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
+    ids_sorted = [ids[i] for i in order]
+    duplicates = sorted({a for a, b in zip(ids_sorted, ids_sorted[1:]) if a == b})
+    if duplicates:
+        raise ValueError(f"duplicate product ids in features: {duplicates[:10]}")
+    return FeatureMatrix(ids_sorted, np.ascontiguousarray(vectors[order]), models[0])

@@ -1,0 +1,98 @@
+"""Small, atomic file helpers over Beam ``FileSystems`` (local paths, gs://, s3://…).
+
+Every artefact the pipeline writes outside Beam's own sinks goes through
+:func:`write_bytes`, so a reader never sees a half-written file: locally the
+bytes go to a temporary sibling that is renamed into place; object stores
+publish an object only when its upload completes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+
+from apache_beam.io.filesystems import FileSystems
+
+
+def is_local(path: str) -> bool:
+    """Whether ``path`` is on the local filesystem (no URL scheme)."""
+    return "://" not in path
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts the way the filesystem of ``base`` expects."""
+    return FileSystems.join(base, *parts)
+
+
+def makedirs(path: str) -> None:
+    """Create a directory (no-op on object stores, which have none)."""
+    if is_local(path):
+        os.makedirs(path, exist_ok=True)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    if is_local(path):
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return
+    with FileSystems.create(path) as handle:
+        handle.write(data)
+
+
+def write_json(path: str, obj) -> None:
+    """Write one JSON document atomically (UTF-8, indented for people)."""
+    write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+                .encode("utf-8"))
+
+
+def write_lines(path: str, lines) -> None:
+    """Write text lines (JSONL) atomically; each line gets a trailing newline."""
+    write_bytes(path, "".join(f"{line}\n" for line in lines).encode("utf-8"))
+
+
+def read_json(path: str):
+    """Read one JSON document from any filesystem."""
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
+def copy_to_local(path: str, local_dir: str) -> str:
+    """Copy a file to ``local_dir`` once (atomically) and return the local path."""
+    os.makedirs(local_dir, exist_ok=True)
+    target = os.path.join(local_dir, os.path.basename(path))
+    if os.path.exists(target):
+        return target
+    tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+    with FileSystems.open(path) as src, open(tmp, "wb") as dst:
+        for block in iter(lambda: src.read(8 << 20), b""):
+            dst.write(block)
+    os.replace(tmp, target)
+    return target
+
+
+def upload_file(local_path: str, path: str) -> None:
+    """Copy a local file to ``path`` on any filesystem (atomically where local)."""
+    if is_local(path):
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+            for block in iter(lambda: src.read(8 << 20), b""):
+                dst.write(block)
+        os.replace(tmp, path)
+        return
+    with open(local_path, "rb") as src, FileSystems.create(path) as dst:
+        for block in iter(lambda: src.read(8 << 20), b""):
+            dst.write(block)

@@ -1,0 +1,94 @@
+"""The pipeline graph: catalogue → bytes → pixels → embeddings → features → index → neighbours.
+
+Every transform is labelled so a run reads the same in the Beam UI of any
+runner. Each stage that can fail has an ``errors`` output; all of them flow into
+``errors/``, and ``manifest.json`` is written last, only if every input row is
+accounted for.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import apache_beam as beam
+
+from pipeline import files
+from pipeline.models.registry import ResolvedModel
+from transforms.build_index import BuildIndex
+from transforms.decode import DecodeImageFn
+from transforms.deduplicate import DeduplicateProductIds
+from transforms.embed import EmbedImages
+from transforms.errors import ERRORS
+from transforms.fetch import FetchConfig
+from transforms.query_neighbors import QueryNeighbors
+from transforms.read_bytes import ReadImageBytesFn
+from transforms.read_catalog import CatalogInfo, ReadCatalog
+from transforms.validate_rows import SplitInvalidRowsFn
+from transforms.write_features import WriteFeatures, features_schema
+from transforms.write_manifest import WriteManifest
+
+ERRORS_DIR = "errors"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything the graph needs, fixed in the launcher before the run starts."""
+
+    output: str
+    catalog: CatalogInfo
+    model: ResolvedModel
+    top_k: int
+    batch_size: int
+    model_threads: int
+    search: str
+    n_trees: int
+    search_k: int
+    seed: int
+    max_image_pixels: int
+    fetch: FetchConfig
+    started_at: float
+    settings: dict  # written into manifest.json as is
+
+
+def build_graph(p: beam.Pipeline, config: RunConfig):
+    """Add the whole job to ``p``; returns the PCollection holding the manifest."""
+    rows = p | "ReadCatalog" >> ReadCatalog(config.catalog)
+    valid = rows | "ValidateRows" >> beam.ParDo(SplitInvalidRowsFn()).with_outputs(
+        ERRORS, main="rows")
+    unique = valid.rows | "DeduplicateIds" >> DeduplicateProductIds()
+    read = unique.rows | "ReadBytes" >> beam.ParDo(ReadImageBytesFn(config.fetch)).with_outputs(
+        ERRORS, main="rows")
+    decoded = read.rows | "Decode" >> beam.ParDo(
+        DecodeImageFn(config.model.input_size, config.max_image_pixels)).with_outputs(
+        ERRORS, main="rows")
+    embedded = decoded.rows | "Embed" >> EmbedImages(
+        config.model, batch_size=config.batch_size, threads=config.model_threads)
+
+    feature_files = embedded.features | "WriteFeatures" >> WriteFeatures(
+        config.output, features_schema(config.model, config.catalog))
+
+    errors = ((valid[ERRORS], unique[ERRORS], read[ERRORS], decoded[ERRORS], embedded[ERRORS])
+              | "AllErrors" >> beam.Flatten())
+    error_files = (errors
+                   | "ErrorsToJson" >> beam.Map(lambda e: json.dumps(e, ensure_ascii=False))
+                   | "WriteErrors" >> beam.io.WriteToText(
+                       files.join(config.output, ERRORS_DIR, "errors"),
+                       file_name_suffix=".jsonl"))
+
+    index = feature_files | "BuildIndex" >> BuildIndex(
+        config.output, config.model.model_id, config.top_k, config.search, config.n_trees,
+        config.search_k, config.seed)
+    shards = index | "QueryNeighbors" >> QueryNeighbors(config.output, config.top_k)
+
+    input_count = rows | "CountInput" >> beam.combiners.Count.Globally()
+    embedded_count = embedded.features | "CountEmbedded" >> beam.combiners.Count.Globally()
+    failures = (errors
+                | "FailureKey" >> beam.Map(lambda e: (e["stage"], e["reason"]))
+                | "CountFailures" >> beam.combiners.Count.PerElement())
+    # The errors files must be final before the manifest says the run is complete.
+    shards_after_errors = shards | "AfterErrors" >> beam.Map(
+        lambda s, _files: s, _files=beam.pvalue.AsList(error_files))
+    return ((input_count, embedded_count, failures, index, shards_after_errors)
+            | "WriteManifest" >> WriteManifest(config.output, config.settings,
+                                               config.started_at))

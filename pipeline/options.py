@@ -1,0 +1,81 @@
+"""Command-line options of the similarity pipeline, as a Beam ``PipelineOptions`` view.
+
+Every option a user can pass to ``python -m pipeline.run`` lives here, next to
+Beam's own (``--runner``, ``--direct_num_workers``, ``--project``…), so a job is
+configured the same way on DirectRunner and on Dataflow.
+"""
+
+from __future__ import annotations
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+DEFAULT_MODEL = "efficientnet_lite0"
+DEFAULT_TOP_K = 20
+DEFAULT_SEED = 42
+
+
+class SimilarityOptions(PipelineOptions):
+    """Options of the visual-similarity precompute job."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--input",
+            required=True,
+            help="The catalogue: a file glob of images (product_id = file stem; local or any "
+            "Beam FileSystems path such as gs://bucket/images/*.jpg) or a manifest "
+            "(.csv, .jsonl or .parquet) with a product id and an image column.",
+        )
+        parser.add_argument(
+            "--output",
+            required=True,
+            help="Output directory (local or FileSystems path); see README for the layout.",
+        )
+        parser.add_argument(
+            "--model",
+            default=DEFAULT_MODEL,
+            help="A registered model name (efficientnet_lite0, efficientnet_lite2, "
+            "mobilenet_v2_140_224, raw_pixels_32), a TF-Hub handle URL, or a local "
+            "SavedModel directory in the TF-Hub image feature-vector convention.",
+        )
+        parser.add_argument("--top_k", type=int, default=DEFAULT_TOP_K,
+                            help="Neighbours kept per product.")
+        parser.add_argument("--id_column", default="product_id",
+                            help="Manifest column holding the product id.")
+        parser.add_argument("--image_column", default="image",
+                            help="Manifest column holding the image path or URL.")
+        parser.add_argument("--batch_size", type=int, default=32,
+                            help="Largest number of images per model call.")
+        parser.add_argument("--model_threads", type=int, default=0,
+                            help="Threads per worker for model inference; 0 = cores divided "
+                            "by --direct_num_workers (so worker processes do not "
+                            "oversubscribe the cores).")
+        parser.add_argument("--search", choices=("auto", "exact", "annoy"), default="auto",
+                            help="Neighbour search: exact cosine, Annoy candidates re-ranked "
+                            "by exact cosine, or chosen by catalogue size.")
+        parser.add_argument("--n_trees", type=int, default=0,
+                            help="Annoy trees; 0 = chosen from the catalogue size.")
+        parser.add_argument("--search_k", type=int, default=0,
+                            help="Annoy search_k; 0 = chosen from n_trees and the candidates.")
+        parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                            help="Seed of the Annoy index build (same seed, same output).")
+        parser.add_argument("--max_image_pixels", type=int, default=50_000_000,
+                            help="Images with more pixels than this are refused before "
+                            "decoding (decompression-bomb guard).")
+        parser.add_argument("--max_image_bytes", type=int, default=20 * 1024 * 1024,
+                            help="Images larger than this many bytes are refused.")
+        parser.add_argument("--fetch_concurrency", type=int, default=32,
+                            help="Concurrent reads/downloads per worker.")
+        parser.add_argument("--fetch_timeout", type=float, default=30.0,
+                            help="Read timeout in seconds for one image download.")
+        parser.add_argument("--fetch_retries", type=int, default=3,
+                            help="Retries for connection errors, 429 and 5xx responses.")
+        parser.add_argument("--fetch_user_agent", default="visual-similarity-pipeline/0.1",
+                            help="User-Agent header sent when downloading images.")
+        parser.add_argument("--allow_private_hosts", action="store_true", default=False,
+                            help="Allow image URLs on loopback/private/link-local hosts "
+                            "(refused by default so a catalogue cannot reach internal "
+                            "services).")
+        parser.add_argument("--model_cache_dir", default=None,
+                            help="Where converted offline models are cached (default: "
+                            "$SIMILARITY_CACHE_DIR or ~/.cache/visual-similarity).")

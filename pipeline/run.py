@@ -1,0 +1,175 @@
+"""Entry point: ``python -m pipeline.run --input=… --output=… [--model=…] [Beam options]``.
+
+Checks the catalogue and loads the model once before anything starts (so a
+wrong column name or an unreachable model is one sentence and exit code 2, not
+a worker stack trace), builds the graph, runs it on the chosen Beam runner and
+prints where the outputs are with a short summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from importlib import metadata
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions,
+                                                  StandardOptions)
+
+from pipeline import files
+from pipeline.graph import ERRORS_DIR, RunConfig, build_graph
+from pipeline.models.registry import ModelLoadError, resolve_model
+from pipeline.options import SimilarityOptions
+from transforms.build_index import INDEX_DIR
+from transforms.fetch import FetchConfig
+from transforms.query_neighbors import clear_stale_shards
+from transforms.read_catalog import CatalogError, inspect_catalog
+from transforms.write_features import FEATURES_DIR
+from transforms.write_manifest import MANIFEST_FILE
+
+VERSIONED_PACKAGES = ("apache-beam", "tensorflow", "tensorflow-hub", "annoy", "numpy",
+                      "pyarrow", "pillow")
+
+
+class UsageError(ValueError):
+    """An option value that cannot work; reported as one sentence."""
+
+
+def library_versions() -> dict:
+    """Versions of the libraries that shape the output, for the manifest."""
+    versions = {"python": sys.version.split()[0]}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def worker_count(options: PipelineOptions) -> int:
+    """How many worker processes share this machine (1 unless DirectRunner multi-processing)."""
+    direct = options.view_as(DirectOptions)
+    if (direct.direct_running_mode == "multi_processing"
+            and options.view_as(StandardOptions).runner in (None, "DirectRunner")):
+        return max(1, direct.direct_num_workers or os.cpu_count() or 1)
+    return 1
+
+
+def prepare_output(output: str) -> None:
+    """Make ``output`` ready for a fresh run: remove a previous run's artefacts there.
+
+    ``manifest.json`` goes first, so an interrupted re-run never looks complete.
+    Only the files this pipeline writes are touched.
+    """
+    files.makedirs(output)
+    manifest = files.join(output, MANIFEST_FILE)
+    if FileSystems.exists(manifest):
+        FileSystems.delete([manifest])
+    for sub in (FEATURES_DIR, ERRORS_DIR, INDEX_DIR):
+        found = FileSystems.match([files.join(output, sub, "*")])[0].metadata_list
+        if found:
+            FileSystems.delete([m.path for m in found])
+    clear_stale_shards(output)
+
+
+def _validate(opts: SimilarityOptions) -> None:
+    if opts.top_k < 1:
+        raise UsageError(f"--top_k must be at least 1, got {opts.top_k}")
+    if opts.batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1, got {opts.batch_size}")
+    if opts.fetch_concurrency < 1:
+        raise UsageError(f"--fetch_concurrency must be at least 1, got {opts.fetch_concurrency}")
+
+
+def make_config(options: PipelineOptions) -> RunConfig:
+    """Check the catalogue, resolve the model and fix every setting of the run."""
+    opts = options.view_as(SimilarityOptions)
+    _validate(opts)
+    started_at = time.time()
+    catalog = inspect_catalog(opts.input, opts.id_column, opts.image_column)
+    model = resolve_model(opts.model, cache_dir=opts.model_cache_dir)
+    workers = worker_count(options)
+    threads = opts.model_threads or max(1, (os.cpu_count() or 1) // workers)
+    fetch = FetchConfig(read_timeout=opts.fetch_timeout, max_retries=opts.fetch_retries,
+                        max_bytes=opts.max_image_bytes, user_agent=opts.fetch_user_agent,
+                        allow_private_hosts=opts.allow_private_hosts,
+                        concurrency=opts.fetch_concurrency)
+    settings = {
+        "input": opts.input,
+        "output": opts.output,
+        "catalog_kind": catalog.kind,
+        "model": model.model_id,
+        "model_name": model.name,
+        "dim": model.dim,
+        "input_size": model.input_size,
+        "top_k": opts.top_k,
+        "seed": opts.seed,
+        "runner": options.view_as(StandardOptions).runner or "DirectRunner",
+        "workers": workers,
+        "versions": library_versions(),
+    }
+    return RunConfig(output=opts.output, catalog=catalog, model=model, top_k=opts.top_k,
+                     batch_size=opts.batch_size, model_threads=threads, search=opts.search,
+                     n_trees=opts.n_trees, search_k=opts.search_k, seed=opts.seed,
+                     max_image_pixels=opts.max_image_pixels, fetch=fetch,
+                     started_at=started_at, settings=settings)
+
+
+def summarize(manifest: dict) -> str:
+    """A few lines a person reads after the run."""
+    counts = manifest["counts"]
+    timings = manifest["timings"]
+    lines = [
+        f"Done in {timings['wall_seconds']:.1f} s ({timings['images_per_second']} images/s) "
+        f"with {manifest['model']} ({manifest['dim']}-d).",
+        f"  input rows: {counts['input']}   embedded: {counts['embedded']}   "
+        f"failed: {counts['failed']}",
+    ]
+    for reason, count in counts["failed_by_reason"].items():
+        lines.append(f"    {count} × {reason}")
+    out = manifest["output"]
+    lines += [
+        f"  neighbours: {manifest['neighbors']['products']} products, top {manifest['top_k']} "
+        f"({manifest['index']['search']} search)",
+        f"Outputs in {out}:",
+        f"  {files.join(out, 'neighbors')}/  per-product top-{manifest['top_k']} JSONL",
+        f"  {files.join(out, 'similar_products-*.jsonl')}  flat master/similar pairs",
+        f"  {files.join(out, FEATURES_DIR)}/  embeddings (Parquet)",
+        f"  {files.join(out, ERRORS_DIR)}/  one line per failed row",
+        f"  {files.join(out, MANIFEST_FILE)}",
+    ]
+    return "\n".join(lines)
+
+
+def run(argv=None, test_pipeline=None) -> dict:
+    """Run the job with command-line ``argv``; returns the written manifest.
+
+    ``test_pipeline`` lets tests pass Beam's ``TestPipeline``.
+    """
+    options = PipelineOptions(argv)
+    config = make_config(options)
+    prepare_output(config.output)
+    pipeline = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
+    build_graph(pipeline, config)
+    result = pipeline.run()
+    result.wait_until_finish()
+    return files.read_json(files.join(config.output, MANIFEST_FILE))
+
+
+def main(argv=None) -> int:
+    """Console entry: run, print the summary, and turn user errors into one line + exit 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        manifest = run(argv)
+    except (CatalogError, ModelLoadError, UsageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summarize(manifest))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""End-to-end runs on generated catalogues: the output contract users load into their stores."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.run import main, run
+from tests.conftest import FAMILIES, TINY_DIM, write_catalog
+
+def _jsonl(pattern):
+    lines = []
+    for path in sorted(glob.glob(pattern)):
+        with open(path) as handle:
+            lines.extend(json.loads(line) for line in handle if line.strip())
+    return lines
+
+
+def _features(out):
+    return pq.read_table(sorted(glob.glob(f"{out}/features/*.parquet"))).to_pylist()
+
+
+def _run(catalog, out, model, *extra):
+    return run([f"--input={catalog}", f"--output={out}", f"--model={model}", "--top_k=5",
+                *extra])
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("catalog")
+    good = directory / "good.jpg"
+    from tests.conftest import shape_image
+    shape_image("disc", (10, 10, 10)).save(good, quality=90)
+    truncated = good.read_bytes()[:300]
+    return write_catalog(directory, bad={
+        "empty": b"",
+        "html": b"<html><body>404 not found</body></html>",
+        "truncated": truncated,
+    })
+
+
+@pytest.fixture(scope="module")
+def first_run(catalog, tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    manifest = _run(catalog, out, tiny_model)
+    return out, manifest
+
+
+def test_every_row_is_embedded_or_reported(first_run):
+    out, manifest = first_run
+    n_good = len(FAMILIES) * 3
+    counts = manifest["counts"]
+    assert counts["input"] == n_good + 3
+    assert counts["embedded"] == n_good
+    assert counts["failed"] == 3
+    assert counts["embedded"] + counts["failed"] == counts["input"]
+    errors = {e["product_id"]: e for e in _jsonl(f"{out}/errors/*.jsonl")}
+    assert set(errors) == {"empty", "html", "truncated"}
+    assert all(e["stage"] == "decode" and e["error"] and e["image"].endswith(".jpg")
+               for e in errors.values())
+    assert errors["truncated"]["reason"] == "truncated"
+    assert errors["empty"]["reason"] == "empty"
+
+
+def test_features_follow_the_contract(first_run, tiny_model):
+    out, manifest = first_run
+    rows = _features(out)
+    assert len(rows) == len(FAMILIES) * 3
+    schema = pq.read_schema(sorted(glob.glob(f"{out}/features/*.parquet"))[0])
+    assert schema.metadata[b"embedding_dim"] == str(TINY_DIM).encode()
+    embedding_type = schema.field("embedding").type
+    assert pa.types.is_list(embedding_type) and embedding_type.value_type == pa.float32()
+    for row in rows:
+        vector = np.asarray(row["embedding"], dtype=np.float32)
+        assert vector.shape == (TINY_DIM,)
+        assert abs(np.linalg.norm(vector) - 1) < 1e-5
+        assert row["model"] == manifest["model"]
+        assert len(row["sha256"]) == 64
+        assert (row["width"], row["height"]) == (96, 96)
+        assert row["family"].startswith("f")  # carried manifest column
+    assert manifest["model"].startswith(os.path.basename(tiny_model))
+
+
+def test_neighbors_agree_with_exact_cosine(first_run):
+    out, _ = first_run
+    features = _features(out)
+    ids = [r["product_id"] for r in features]
+    vectors = np.asarray([r["embedding"] for r in features], dtype=np.float32)
+    sims = vectors @ vectors.T
+    records = _jsonl(f"{out}/neighbors/*.jsonl")
+    assert sorted(r["product_id"] for r in records) == sorted(ids)
+    for record in records:
+        i = ids.index(record["product_id"])
+        neighbors = record["neighbors"]
+        assert len(neighbors) == 5
+        assert record["product_id"] not in [n["product_id"] for n in neighbors]
+        values = [n["similarity"] for n in neighbors]
+        assert values == sorted(values, reverse=True)
+        exact = np.delete(np.sort(sims[i])[::-1], 0)  # drop self (cosine 1)
+        np.testing.assert_allclose(values, np.round(exact[:5], 4), atol=2e-4)
+        for n in neighbors:
+            assert abs(n["similarity"] - sims[i, ids.index(n["product_id"])]) < 1e-4
+
+
+def test_near_copies_are_each_others_top_neighbors(first_run):
+    out, _ = first_run
+    for record in _jsonl(f"{out}/neighbors/*.jsonl"):
+        family = record["product_id"].split("-")[0]
+        top2 = [n["product_id"].split("-")[0] for n in record["neighbors"][:2]]
+        assert top2 == [family, family], record
+
+
+def test_flat_pairs_match_neighbor_lists(first_run):
+    out, _ = first_run
+    flat = _jsonl(f"{out}/similar_products-*.jsonl")
+    records = _jsonl(f"{out}/neighbors/*.jsonl")
+    expected = [{"similarity": n["similarity"], "master_pi": r["product_id"],
+                 "similar_pi": n["product_id"]} for r in records for n in r["neighbors"]]
+    assert sorted(flat, key=json.dumps) == sorted(expected, key=json.dumps)
+    assert set(flat[0]) == {"similarity", "master_pi", "similar_pi"}
+
+
+def test_index_files_and_meta(first_run):
+    out, manifest = first_run
+    meta = json.load(open(f"{out}/index/meta.json"))
+    assert meta["metric"] == "angular" and meta["dim"] == TINY_DIM
+    assert meta["count"] == manifest["counts"]["embedded"]
+    assert meta["model"] == manifest["model"]
+    assert {"annoy.ann", "vectors.npy", "ids.parquet"} <= set(os.listdir(f"{out}/index"))
+    ids = pq.read_table(f"{out}/index/ids.parquet").column("product_id").to_pylist()
+    assert ids == sorted(ids)
+
+
+def test_same_input_same_neighbors_and_rerun_replaces_output(first_run, catalog, tiny_model,
+                                                             tmp_path):
+    out, _ = first_run
+    second = tmp_path / "second"
+    _run(catalog, second, tiny_model, "--search=annoy")
+    names = sorted(os.path.relpath(p, second) for p in glob.glob(f"{second}/neighbors/*"))
+    assert names == sorted(os.path.relpath(p, out) for p in glob.glob(f"{out}/neighbors/*"))
+    for name in names:
+        assert open(f"{second}/{name}", "rb").read() == open(f"{out}/{name}", "rb").read()
+    # Running again into the same directory replaces, never mixes, outputs.
+    _run(catalog, second, tiny_model, "--search=annoy")
+    assert len(_features(second)) == len(FAMILIES) * 3
+
+
+def test_glob_input_and_two_worker_processes(catalog, tiny_model, tmp_path):
+    pattern = os.path.join(os.path.dirname(catalog), "images", "p0*.jpg")
+    manifest = _run(pattern, tmp_path / "out", tiny_model, "--direct_num_workers=2",
+                    "--direct_running_mode=multi_processing")
+    assert manifest["counts"]["input"] == len(FAMILIES) * 3
+    assert manifest["counts"]["embedded"] == len(FAMILIES) * 3
+    ids = {r["product_id"] for r in _jsonl(f"{tmp_path}/out/neighbors/*.jsonl")}
+    assert "p00-0" in ids
+
+
+def test_unusable_catalog_exits_2_with_one_sentence(tmp_path, tiny_model, capsys):
+    manifest = tmp_path / "c.csv"
+    manifest.write_text("sku,url\n1,a.jpg\n")
+    code = main([f"--input={manifest}", f"--output={tmp_path / 'o'}", f"--model={tiny_model}"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: manifest") and "--id_column" in err
+    assert "Traceback" not in err

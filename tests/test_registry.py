@@ -1,0 +1,51 @@
+"""Model resolution: sizes read from the model, stable ids, one-sentence failures."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+
+from pipeline.models.registry import (MODELS, ModelLoadError, embed_batch, load_model,
+                                      resolve_model)
+from tests.conftest import TINY_DIM, TINY_SIZE, export_tiny_model
+
+
+def test_local_savedmodel_sizes_come_from_the_model(tiny_model):
+    resolved = resolve_model(tiny_model)
+    assert (resolved.input_size, resolved.dim) == (TINY_SIZE, TINY_DIM)
+    model = load_model(resolved)
+    out = embed_batch(model, np.zeros((2, TINY_SIZE, TINY_SIZE, 3), np.float32))
+    assert out.shape == (2, TINY_DIM)
+
+
+def test_model_id_names_the_weights(tiny_model, tmp_path):
+    first = resolve_model(tiny_model)
+    assert first.model_id == resolve_model(tiny_model).model_id
+    other = export_tiny_model(str(tmp_path / "other"), dim=TINY_DIM + 1)
+    assert resolve_model(other).model_id.split("@")[1] != first.model_id.split("@")[1]
+
+
+def test_unknown_model_name_lists_the_choices():
+    with pytest.raises(ModelLoadError, match="efficientnet_lite0"):
+        resolve_model("efficientnet_b99")
+
+
+def test_unreachable_hub_handle_is_one_sentence():
+    with socket.socket() as sock:  # a port on which nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    handle = f"http://127.0.0.1:{port}/google/imagenet/model/5"
+    with pytest.raises(ModelLoadError) as info:
+        resolve_model(handle)
+    message = str(info.value)
+    assert message.startswith(f"cannot reach 127.0.0.1:{port} to load {handle}")
+    assert "efficientnet_lite0" in message
+
+
+def test_registry_knows_each_models_shape():
+    assert MODELS["efficientnet_lite0"].offline and MODELS["efficientnet_lite0"].dim == 1280
+    assert MODELS["efficientnet_lite2"].input_size == 260
+    assert not MODELS["mobilenet_v2_140_224"].offline
+    assert MODELS["mobilenet_v2_140_224"].handle.startswith("https://tfhub.dev/")

@@ -1,0 +1,161 @@
+"""Query every product's top-k neighbours, in parallel, and write them.
+
+The id space (sorted product ids) is cut into fixed row ranges; each range is
+one output shard, queried by whichever worker gets it, against the index files
+memory-mapped once per worker process. Shards are written directly with
+deterministic names and contents, so the same input, model and seed give
+byte-identical ``neighbors/`` and ``similar_products-*.jsonl`` files, and a
+retried range simply rewrites its own shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+
+import apache_beam as beam
+import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.metrics import Metrics
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline import files, similarity_search
+from transforms.build_index import ANNOY_FILE, IDS_FILE, VECTORS_FILE
+from transforms.errors import METRICS_NAMESPACE
+
+NEIGHBORS_DIR = "neighbors"
+NEIGHBORS_PREFIX = "neighbors"
+FLAT_PREFIX = "similar_products"
+
+
+def rows_per_shard(count: int) -> int:
+    """Rows per output shard: enough shards to spread work, few enough to stay tidy."""
+    return max(1000, min(20_000, math.ceil(count / 16))) if count else 1
+
+
+def plan_shards(index: dict):
+    """Split the index rows into (shard, n_shards, start, end) work items."""
+    count = index["count"]
+    size = rows_per_shard(count)
+    n_shards = max(1, math.ceil(count / size))
+    for shard in range(n_shards):
+        yield dict(index, shard=shard, n_shards=n_shards, start=shard * size,
+                   end=min(count, (shard + 1) * size))
+
+
+def shard_name(prefix: str, shard: int, n_shards: int) -> str:
+    """Beam-style shard file name, e.g. ``neighbors-00000-of-00004.jsonl``."""
+    return f"{prefix}-{shard:05d}-of-{n_shards:05d}.jsonl"
+
+
+def neighbor_records(product_ids, query_rows, indices, sims):
+    """The contract's per-product records and origin B's flat pairs, in row order."""
+    records, flat = [], []
+    for row, idx_row, sim_row in zip(query_rows, indices, sims):
+        master = product_ids[row]
+        neighbors = []
+        for j, s in zip(idx_row, sim_row):
+            if j < 0 or j == row:
+                continue
+            similarity = round(float(s), 4)
+            neighbors.append({"product_id": product_ids[j], "similarity": similarity})
+            flat.append({"similarity": similarity, "master_pi": master,
+                         "similar_pi": product_ids[j]})
+        records.append({"product_id": master, "neighbors": neighbors})
+    return records, flat
+
+
+class _LoadedIndex:
+    def __init__(self, index_dir: str, dim: int, has_annoy: bool):
+        local = index_dir
+        if not files.is_local(index_dir):
+            cache = os.path.join(tempfile.gettempdir(), "similarity-index-" + hashlib.sha1(
+                index_dir.encode()).hexdigest()[:16])
+            for name in (VECTORS_FILE, IDS_FILE) + ((ANNOY_FILE,) if has_annoy else ()):
+                files.copy_to_local(files.join(index_dir, name), cache)
+            local = cache
+        self.vectors = similarity_search.load_vectors(os.path.join(local, VECTORS_FILE),
+                                                      mmap=True)
+        self.product_ids = pq.read_table(os.path.join(local, IDS_FILE),
+                                         columns=["product_id"]).column(0).to_pylist()
+        self.annoy = (similarity_search.open_annoy_index(os.path.join(local, ANNOY_FILE), dim)
+                      if has_annoy else None)
+
+
+class QueryNeighborsFn(beam.DoFn):
+    """One row range → its neighbours shard and flat-pairs shard; yields a summary."""
+
+    def __init__(self, output_dir: str, top_k: int):
+        self._output_dir = output_dir
+        self._top_k = top_k
+        self._loaded: dict[str, _LoadedIndex] = {}
+        self._queried = Metrics.counter(METRICS_NAMESPACE, "neighbors_queried")
+
+    def _index(self, work: dict) -> _LoadedIndex:
+        key = work["index_dir"]
+        if key not in self._loaded:
+            self._loaded = {key: _LoadedIndex(key, work["dim"], work["files"]["annoy"]
+                                              is not None)}
+        return self._loaded[key]
+
+    def process(self, work: dict):
+        started = time.time()
+        start, end = work["start"], work["end"]
+        records, flat = [], []
+        if end > start:
+            index = self._index(work)
+            rows = np.arange(start, end, dtype=np.int64)
+            if work["search"] == "exact":
+                indices, sims = similarity_search.exact_top_k(
+                    np.asarray(index.vectors[start:end]), index.vectors, self._top_k,
+                    query_rows=rows)
+            else:
+                indices, sims = similarity_search.annoy_top_k(
+                    index.annoy, index.vectors, rows, self._top_k,
+                    candidates=work["candidates"], search_k=work["search_k"])
+            records, flat = neighbor_records(index.product_ids, rows, indices, sims)
+            self._queried.inc(len(records))
+        shard, n_shards = work["shard"], work["n_shards"]
+        files.write_lines(
+            files.join(self._output_dir, NEIGHBORS_DIR,
+                       shard_name(NEIGHBORS_PREFIX, shard, n_shards)),
+            (json.dumps(r, ensure_ascii=False) for r in records))
+        files.write_lines(
+            files.join(self._output_dir, shard_name(FLAT_PREFIX, shard, n_shards)),
+            (json.dumps(p, ensure_ascii=False) for p in flat))
+        yield {"shard": shard, "rows": len(records), "pairs": len(flat),
+               "full_lists": sum(1 for r in records
+                                 if len(r["neighbors"]) == min(self._top_k, work["count"] - 1)),
+               "seconds": round(time.time() - started, 3)}
+
+
+class QueryNeighbors(beam.PTransform):
+    """Index description → neighbour shards written; yields one summary per shard."""
+
+    def __init__(self, output_dir: str, top_k: int):
+        super().__init__()
+        self._output_dir = output_dir
+        self._top_k = top_k
+
+    def expand(self, index):
+        return (index
+                | "PlanShards" >> beam.FlatMap(plan_shards)
+                | "SpreadShards" >> beam.Reshuffle()
+                | "Query" >> beam.ParDo(QueryNeighborsFn(self._output_dir, self._top_k)))
+
+
+def clear_stale_shards(output_dir: str) -> None:
+    """Remove neighbour shards of an earlier run into the same directory.
+
+    Shards are named by their count, so a re-run with a different catalogue size
+    would otherwise leave old shards beside the new ones.
+    """
+    patterns = [files.join(output_dir, NEIGHBORS_DIR, f"{NEIGHBORS_PREFIX}-*.jsonl"),
+                files.join(output_dir, f"{FLAT_PREFIX}-*.jsonl")]
+    stale = [m.path for r in FileSystems.match(patterns) for m in r.metadata_list]
+    if stale:
+        FileSystems.delete(stale)

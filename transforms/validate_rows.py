@@ -1,0 +1,30 @@
+"""Route catalogue rows the reader marked unusable to the dead-letter output."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.metrics import Metrics
+
+from transforms.errors import ERRORS, METRICS_NAMESPACE, STAGE_READ, error_record
+
+
+class SplitInvalidRowsFn(beam.DoFn):
+    """Pass usable rows on; turn rows with ``invalid`` set into read-stage errors.
+
+    The reader keeps broken rows (no id, no image, bad encoding, bad JSON) in
+    the stream so they are counted as input; this is where they leave it.
+    """
+
+    def __init__(self):
+        self._rows = Metrics.counter(METRICS_NAMESPACE, "input_rows")
+
+    def process(self, row):
+        self._rows.inc()
+        invalid = row.get("invalid")
+        if invalid is None:
+            yield row
+            return
+        reason, message = invalid
+        Metrics.counter(METRICS_NAMESPACE, f"read_failed_{reason}").inc()
+        yield pvalue.TaggedOutput(ERRORS, error_record(row, STAGE_READ, reason, message))

@@ -1,0 +1,101 @@
+"""Write ``manifest.json`` last: what the run read, made, lost, and how long it took.
+
+It is written only after the neighbour shards exist (they are side inputs of
+this step) and only if the books balance: every input row is either a feature
+row or an error row, and every feature row has a neighbour line. A run whose
+counts don't add up fails here instead of publishing a quietly incomplete
+result, so the presence of ``manifest.json`` means the output is complete.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import apache_beam as beam
+
+from pipeline import files
+
+MANIFEST_FILE = "manifest.json"
+
+
+class IncompleteRunError(RuntimeError):
+    """The run's counts do not add up; no manifest is written."""
+
+
+def build_manifest(settings: dict, input_count: int, embedded: int, failures: list,
+                   index: dict, shards: list, started_at: float) -> dict:
+    """The manifest document, after checking that no row went missing."""
+    by_stage: Counter = Counter()
+    by_reason: Counter = Counter()
+    for (stage, reason), count in failures:
+        by_stage[stage] += count
+        by_reason[f"{stage}:{reason}"] += count
+    failed = sum(by_stage.values())
+    if embedded + failed != input_count:
+        raise IncompleteRunError(
+            f"{input_count} input rows but {embedded} embedded + {failed} failed; refusing to "
+            f"publish an output that lost rows")
+    neighbor_rows = sum(s["rows"] for s in shards)
+    if neighbor_rows != embedded or index.get("count") != embedded:
+        raise IncompleteRunError(
+            f"{embedded} products embedded but the index holds {index.get('count')} and "
+            f"{neighbor_rows} neighbour lines were written")
+    finished = time.time()
+    wall = finished - started_at
+    return dict(
+        settings,
+        counts={
+            "input": input_count,
+            "embedded": embedded,
+            "failed": failed,
+            "failed_by_stage": dict(sorted(by_stage.items())),
+            "failed_by_reason": dict(sorted(by_reason.items())),
+        },
+        index={k: index[k] for k in ("dim", "metric", "n_trees", "search_k", "candidates",
+                                     "search", "seed", "count")},
+        neighbors={
+            "products": neighbor_rows,
+            "with_full_list": sum(s["full_lists"] for s in shards),
+            "pairs": sum(s["pairs"] for s in shards),
+            "shards": len(shards),
+        },
+        timings={
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
+            "wall_seconds": round(wall, 2),
+            "index_build_seconds": index.get("build_seconds"),
+            "query_seconds_total": round(sum(s["seconds"] for s in shards), 2),
+            "images_per_second": round(embedded / wall, 2) if wall > 0 else None,
+        },
+    )
+
+
+class WriteManifest(beam.PTransform):
+    """Write ``OUT/manifest.json`` once counts, index and neighbour shards are final."""
+
+    def __init__(self, output_dir: str, settings: dict, started_at: float):
+        super().__init__()
+        self._path = files.join(output_dir, MANIFEST_FILE)
+        self._settings = settings
+        self._started_at = started_at
+
+    def expand(self, inputs):
+        input_count, embedded, failures, index, shards = inputs
+        path, settings, started_at = self._path, self._settings, self._started_at
+
+        def write(_, input_count, embedded, failures, index, shards):
+            manifest = build_manifest(settings, input_count, embedded, failures, index,
+                                      shards, started_at)
+            files.write_json(path, manifest)
+            yield manifest
+
+        return (input_count.pipeline
+                | "Once" >> beam.Create([None])
+                | "Write" >> beam.FlatMap(
+                    write,
+                    input_count=beam.pvalue.AsSingleton(input_count),
+                    embedded=beam.pvalue.AsSingleton(embedded),
+                    failures=beam.pvalue.AsList(failures),
+                    index=beam.pvalue.AsSingleton(index),
+                    shards=beam.pvalue.AsList(shards)))
