@@ -78,4 +78,4 @@ class SimilarityOptions(PipelineOptions):
                             "services).")
         parser.add_argument("--model_cache_dir", default=None,
                             help="Where converted offline models are cached (default: "
-                            "$SIMILARITY_CACHE_DIR or ~/.cache/visual-similarity).")
+                            "$SIMILARITY_CACHE_DIR or ~/.cache/visual-similarity/models).")
