@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -101,3 +102,5 @@ def write_catalog(directory: Path, families=FAMILIES, copies: int = 3,
 
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Converted offline models are cached once per test session, not in the user's cache.
+os.environ.setdefault("SIMILARITY_CACHE_DIR", tempfile.mkdtemp(prefix="vs-test-models-"))
