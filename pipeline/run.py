@@ -90,7 +90,7 @@ def make_config(options: PipelineOptions) -> RunConfig:
     _validate(opts)
     started_at = time.time()
     catalog = inspect_catalog(opts.input, opts.id_column, opts.image_column)
-    model = resolve_model(opts.model, cache_dir=opts.model_cache_dir)
+    model = resolve_model(opts.model, cache_dir=opts.model_cache_dir, engine=opts.engine)
     workers = worker_count(options)
     threads = opts.model_threads or max(1, (os.cpu_count() or 1) // workers)
     fetch = FetchConfig(read_timeout=opts.fetch_timeout, max_retries=opts.fetch_retries,
@@ -105,6 +105,7 @@ def make_config(options: PipelineOptions) -> RunConfig:
         "model_name": model.name,
         "dim": model.dim,
         "input_size": model.input_size,
+        "engine": model.engine,
         "top_k": opts.top_k,
         "seed": opts.seed,
         "runner": options.view_as(StandardOptions).runner or "DirectRunner",

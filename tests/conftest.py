@@ -18,11 +18,14 @@ TINY_SIZE = 32
 TINY_DIM = 24
 
 
-def export_tiny_model(path: str, size: int = TINY_SIZE, dim: int = TINY_DIM) -> str:
+def export_tiny_model(path: str, size: int = TINY_SIZE, dim: int = TINY_DIM,
+                      tflite_compatible: bool = True) -> str:
     """A small, deterministic image feature-vector SavedModel (TF-Hub convention).
 
     Colour histograms and a coarse spatial layout make similar pictures get
     similar vectors, which is all the pipeline tests need from a model.
+    ``tflite_compatible=False`` uses an op TFLite lacks (area resize), to test
+    the fallback to the SavedModel engine.
     """
     import tensorflow as tf
 
@@ -36,7 +39,10 @@ def export_tiny_model(path: str, size: int = TINY_SIZE, dim: int = TINY_DIM) -> 
 
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
         def __call__(self, images):
-            pooled = tf.image.resize(images, (4, 4), method="area")
+            if tflite_compatible:
+                pooled = tf.nn.avg_pool2d(images, size // 4, size // 4, "VALID")
+            else:
+                pooled = tf.image.resize(images, (4, 4), method="area")
             flat = tf.reshape(pooled, (-1, 4 * 4 * 3))
             means = tf.reduce_mean(images, axis=(1, 2))
             features = tf.concat([flat - 0.5, means - 0.5], axis=1)

@@ -7,17 +7,27 @@ import socket
 import numpy as np
 import pytest
 
-from pipeline.models.registry import (MODELS, ModelLoadError, embed_batch, load_model,
-                                      resolve_model)
+from pipeline.models.registry import MODELS, ModelLoadError, load_model, resolve_model
 from tests.conftest import TINY_DIM, TINY_SIZE, export_tiny_model
 
 
 def test_local_savedmodel_sizes_come_from_the_model(tiny_model):
     resolved = resolve_model(tiny_model)
     assert (resolved.input_size, resolved.dim) == (TINY_SIZE, TINY_DIM)
-    model = load_model(resolved)
-    out = embed_batch(model, np.zeros((2, TINY_SIZE, TINY_SIZE, 3), np.float32))
+    images = np.random.default_rng(0).random((2, TINY_SIZE, TINY_SIZE, 3)).astype(np.float32)
+    out = load_model(resolved)(images)
     assert out.shape == (2, TINY_DIM)
+
+
+def test_tflite_engine_matches_the_savedmodel(tiny_model):
+    fast = resolve_model(tiny_model)  # auto: TFLite where it converts and agrees
+    slow = resolve_model(tiny_model, engine="savedmodel")
+    assert (fast.engine, slow.engine) == ("tflite", "savedmodel")
+    assert fast.model_id == slow.model_id  # same weights, same id, whatever runs them
+    images = np.random.default_rng(1).random((5, TINY_SIZE, TINY_SIZE, 3)).astype(np.float32)
+    a, b = load_model(fast)(images), load_model(slow)(images)
+    cosine = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.999
 
 
 def test_model_id_names_the_weights(tiny_model, tmp_path):
@@ -25,6 +35,13 @@ def test_model_id_names_the_weights(tiny_model, tmp_path):
     assert first.model_id == resolve_model(tiny_model).model_id
     other = export_tiny_model(str(tmp_path / "other"), dim=TINY_DIM + 1)
     assert resolve_model(other).model_id.split("@")[1] != first.model_id.split("@")[1]
+
+
+def test_model_tflite_cannot_run_falls_back_or_fails_clearly(tmp_path):
+    path = export_tiny_model(str(tmp_path / "area"), tflite_compatible=False)
+    assert resolve_model(path).engine == "savedmodel"
+    with pytest.raises(ModelLoadError, match="--engine=tflite: cannot convert"):
+        resolve_model(path, engine="tflite")
 
 
 def test_unknown_model_name_lists_the_choices():

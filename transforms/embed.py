@@ -17,7 +17,7 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
-from pipeline.models.registry import ResolvedModel, embed_batch, load_model
+from pipeline.models.registry import ResolvedModel, load_model
 from transforms.errors import ERRORS, METRICS_NAMESPACE, STAGE_EMBED, error_record
 
 
@@ -84,7 +84,7 @@ class EmbedBatchFn(beam.DoFn):
     def setup(self):
         configure_tf_threads(self._threads)
         info = self._model_info
-        holder = self._shared.acquire(lambda: _ModelHolder(load_model(info)),
+        holder = self._shared.acquire(lambda: _ModelHolder(load_model(info, self._threads)),
                                       tag=info.model_id)
         self._model = holder.model
 
@@ -93,7 +93,7 @@ class EmbedBatchFn(beam.DoFn):
 
     def _embed_rows(self, rows: list[dict]):
         try:
-            return embed_batch(self._model, self._pixels(rows)), None
+            return self._model(self._pixels(rows)), None
         except Exception as exc:  # noqa: BLE001 - isolated per image below
             return None, exc
 
@@ -138,7 +138,9 @@ class EmbedImages(beam.PTransform):
 
     def expand(self, rows):
         return (rows
-                | "Batch" >> beam.BatchElements(min_batch_size=min(8, self._batch_size),
+                # Fixed-size batches (only a bundle's tail is smaller): the TFLite
+                # interpreter is re-planned only when the batch size changes.
+                | "Batch" >> beam.BatchElements(min_batch_size=self._batch_size,
                                                 max_batch_size=self._batch_size)
                 | "RunModel" >> beam.ParDo(EmbedBatchFn(self._model, self._threads,
                                                         shared.Shared()))

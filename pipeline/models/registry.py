@@ -15,8 +15,11 @@ different models are never mixed in one index. Workers call :func:`load_model`.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
+
+from pipeline.models import engines
 
 DEFAULT_INPUT_SIZE = 224
 
@@ -64,6 +67,7 @@ class ResolvedModel:
     input_size: int
     dim: int
     cache_dir: str | None = None
+    engine: str = "savedmodel"  # "tflite" or "savedmodel", fixed by resolve_model
 
 
 def savedmodel_path(name: str, cache_dir: str | None = None) -> str:
@@ -160,16 +164,52 @@ def input_size_of(model) -> int | None:
     return None
 
 
+def _local_savedmodel_dir(name: str, handle: str, cache_dir: str | None) -> str:
+    if name in MODELS and MODELS[name].offline:
+        return savedmodel_path(name, cache_dir)
+    return _hub_resolve(handle)
+
+
 def _load_by_name(name: str, handle: str, cache_dir: str | None):
     if name in MODELS and MODELS[name].offline:
         return _hub_load(savedmodel_path(name, cache_dir))
     return _hub_load(handle)
 
 
-def resolve_model(name_or_handle: str, cache_dir: str | None = None) -> ResolvedModel:
-    """Load the model once, read its input size and dimension, and fix its id."""
+def _choose_engine(requested: str, model, local_dir: str, model_id: str, size: int,
+                   cache_dir: str | None) -> str:
+    """The engine a run uses: TFLite where it converts and matches, else the SavedModel."""
+    if requested == "savedmodel":
+        return "savedmodel"
+    probe = engines.probe_images(size)
+    try:
+        tflite = engines.TfliteEngine(engines.ensure_tflite(local_dir, model_id, cache_dir))
+        cosine = engines.min_cosine(tflite(probe), engines.SavedModelEngine(model)(probe))
+    except Exception as exc:  # noqa: BLE001 - any conversion failure means "use TF"
+        if requested == "tflite":
+            raise ModelLoadError(f"--engine=tflite: cannot convert {model_id} to TFLite: "
+                                 f"{exc}") from exc
+        logging.getLogger(__name__).warning(
+            "TFLite conversion of %s failed (%s); running the SavedModel", model_id, exc)
+        return "savedmodel"
+    if cosine < engines.MIN_PROBE_COSINE:
+        if requested == "tflite":
+            raise ModelLoadError(f"--engine=tflite: the TFLite conversion of {model_id} "
+                                 f"disagrees with the SavedModel (cosine {cosine:.4f})")
+        logging.getLogger(__name__).warning(
+            "TFLite conversion of %s disagrees (cosine %.4f); running the SavedModel",
+            model_id, cosine)
+        return "savedmodel"
+    return "tflite"
+
+
+def resolve_model(name_or_handle: str, cache_dir: str | None = None,
+                  engine: str = "auto") -> ResolvedModel:
+    """Load the model once, read its input size and dimension, fix its id and engine."""
     import numpy as np
 
+    if engine not in engines.ENGINES:
+        raise ModelLoadError(f"--engine must be one of {engines.ENGINES}, got {engine!r}")
     spec = MODELS.get(name_or_handle)
     if spec is not None and spec.offline:
         name, handle = spec.name, ""
@@ -186,27 +226,24 @@ def resolve_model(name_or_handle: str, cache_dir: str | None = None) -> Resolved
         model = _hub_load(handle)
         digest = savedmodel_digest(_hub_resolve(handle))
     size = input_size_of(model) or (spec.input_size if spec else DEFAULT_INPUT_SIZE)
-    probe = embed_batch(model, np.zeros((1, size, size, 3), dtype=np.float32))
+    probe = engines.SavedModelEngine(model)(np.zeros((1, size, size, 3), dtype=np.float32))
     if probe.ndim != 2:
         raise ModelLoadError(
             f"{name_or_handle} returns shape {probe.shape}; an image feature-vector model "
             f"returns [batch, dim]")
     short = os.path.basename(name.rstrip("/")) if "://" not in name else name
-    return ResolvedModel(name=name, handle=handle, model_id=f"{short}@{digest[:12]}",
-                         input_size=size, dim=int(probe.shape[1]), cache_dir=cache_dir)
+    model_id = f"{short}@{digest[:12]}"
+    chosen = _choose_engine(engine, model, _local_savedmodel_dir(name, handle, cache_dir),
+                            model_id, size, cache_dir)
+    return ResolvedModel(name=name, handle=handle, model_id=model_id, input_size=size,
+                         dim=int(probe.shape[1]), cache_dir=cache_dir, engine=chosen)
 
 
-def load_model(resolved: ResolvedModel):
-    """Load a resolved model on a worker, through the same TF-Hub code path."""
-    return _load_by_name(resolved.name, resolved.handle, resolved.cache_dir)
-
-
-def embed_batch(model, images):
-    """Raw (not yet normalised) features of a float32 [B, S, S, 3] batch in [0, 1]."""
-    import numpy as np
-    import tensorflow as tf
-
-    out = model(tf.constant(images, dtype=tf.float32))
-    if isinstance(out, dict):
-        out = next(iter(out.values()))
-    return np.asarray(out, dtype=np.float32)
+def load_model(resolved: ResolvedModel, threads: int = 0):
+    """Load a resolved model on a worker as a callable engine (images → features)."""
+    if resolved.engine == "tflite":
+        local_dir = _local_savedmodel_dir(resolved.name, resolved.handle, resolved.cache_dir)
+        return engines.TfliteEngine(
+            engines.ensure_tflite(local_dir, resolved.model_id, resolved.cache_dir), threads)
+    return engines.SavedModelEngine(_load_by_name(resolved.name, resolved.handle,
+                                                  resolved.cache_dir))
