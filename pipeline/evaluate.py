@@ -26,7 +26,7 @@ import sys
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import files, similarity_search
+from pipeline import files, publish, similarity_search
 from pipeline.features import feature_files, read_feature_matrix
 from transforms.read_catalog import ReadManifestRowsFn, inspect_catalog
 
@@ -87,6 +87,7 @@ def _quantiles(values) -> dict:
 def evaluate_run(run_dir: str, labels: dict | None = None, k: int = 10,
                  sample: int = 2000, seed: int = 0) -> dict:
     """Evaluation figures of one run (see the module docstring)."""
+    run_dir = publish.resolve_run(run_dir)
     matrix = read_feature_matrix(feature_files(files.join(run_dir, "features")))
     published = read_neighbors(run_dir)
     manifest_path = files.join(run_dir, "manifest.json")
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
     result = evaluate_run(args.run, labels, args.k, args.sample)
     if labels:
         result["label_column"] = args.label_column
-    files.write_json(files.join(args.run, EVALUATION_FILE), result)
+    files.write_json(files.join(result["run"], EVALUATION_FILE), result)
     print(json.dumps(result, indent=2))
     return 0
 

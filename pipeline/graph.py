@@ -17,13 +17,14 @@ from pipeline import files
 from pipeline.models.registry import ResolvedModel
 from transforms.build_index import BuildIndex
 from transforms.decode import DecodeImageFn
-from transforms.deduplicate import DeduplicateProductIds
+from transforms.deduplicate import REMOVED, DeduplicateProductIds
 from transforms.embed import EmbedImages
 from transforms.errors import ERRORS
 from transforms.fetch import FetchConfig
 from transforms.query_neighbors import QueryNeighbors
 from transforms.read_bytes import ReadImageBytesFn
 from transforms.read_catalog import CatalogInfo, ReadCatalog
+from transforms.reuse_previous import REUSED, ReadPreviousFeatures, SplitUnchangedFn
 from transforms.validate_rows import SplitInvalidRowsFn
 from transforms.write_features import WriteFeatures, features_schema
 from transforms.write_manifest import WriteManifest
@@ -49,6 +50,8 @@ class RunConfig:
     fetch: FetchConfig
     started_at: float
     settings: dict  # written into manifest.json as is
+    features_only: bool = False  # stop after features/ and errors/ (no index, no neighbours)
+    previous_run: str | None = None  # the last good run, whose unchanged embeddings are reused
 
 
 def build_graph(p: beam.Pipeline, config: RunConfig):
@@ -56,16 +59,22 @@ def build_graph(p: beam.Pipeline, config: RunConfig):
     rows = p | "ReadCatalog" >> ReadCatalog(config.catalog)
     valid = rows | "ValidateRows" >> beam.ParDo(SplitInvalidRowsFn()).with_outputs(
         ERRORS, main="rows")
-    unique = valid.rows | "DeduplicateIds" >> DeduplicateProductIds()
+    previous = None
+    if config.previous_run:
+        previous = p | "ReadPreviousFeatures" >> ReadPreviousFeatures(config.previous_run)
+    unique = valid.rows | "DeduplicateIds" >> DeduplicateProductIds(previous)
     read = unique.rows | "ReadBytes" >> beam.ParDo(ReadImageBytesFn(config.fetch)).with_outputs(
         ERRORS, main="rows")
-    decoded = read.rows | "Decode" >> beam.ParDo(
+    changed = read.rows | "SplitUnchanged" >> beam.ParDo(
+        SplitUnchangedFn(config.model.model_id)).with_outputs(REUSED, main="rows")
+    decoded = changed.rows | "Decode" >> beam.ParDo(
         DecodeImageFn(config.model.input_size, config.max_image_pixels)).with_outputs(
         ERRORS, main="rows")
     embedded = decoded.rows | "Embed" >> EmbedImages(
         config.model, batch_size=config.batch_size, threads=config.model_threads)
 
-    feature_files = embedded.features | "WriteFeatures" >> WriteFeatures(
+    features = (embedded.features, changed[REUSED]) | "AllFeatures" >> beam.Flatten()
+    feature_files = features | "WriteFeatures" >> WriteFeatures(
         config.output, features_schema(config.model, config.catalog))
 
     errors = ((valid[ERRORS], unique[ERRORS], read[ERRORS], decoded[ERRORS], embedded[ERRORS])
@@ -76,19 +85,27 @@ def build_graph(p: beam.Pipeline, config: RunConfig):
                        files.join(config.output, ERRORS_DIR, "errors"),
                        file_name_suffix=".jsonl"))
 
-    index = feature_files | "BuildIndex" >> BuildIndex(
-        config.output, config.model.model_id, config.top_k, config.search, config.n_trees,
-        config.search_k, config.seed)
-    shards = index | "QueryNeighbors" >> QueryNeighbors(config.output, config.top_k)
+    if config.features_only:
+        # The manifest then waits for the feature files only.
+        index = p | "NoIndex" >> beam.Create([])
+        shards = feature_files | "FeaturesWritten" >> beam.combiners.Count.Globally() | (
+            "NoShards" >> beam.FlatMap(lambda _: []))
+    else:
+        index = feature_files | "BuildIndex" >> BuildIndex(
+            config.output, config.model.model_id, config.top_k, config.search,
+            config.n_trees, config.search_k, config.seed)
+        shards = index | "QueryNeighbors" >> QueryNeighbors(config.output, config.top_k)
 
     input_count = rows | "CountInput" >> beam.combiners.Count.Globally()
-    embedded_count = embedded.features | "CountEmbedded" >> beam.combiners.Count.Globally()
+    embedded_count = features | "CountEmbedded" >> beam.combiners.Count.Globally()
+    reuse_counts = ((changed[REUSED] | "CountReused" >> beam.combiners.Count.Globally()),
+                    (unique[REMOVED] | "CountRemoved" >> beam.combiners.Count.Globally()))
     failures = (errors
                 | "FailureKey" >> beam.Map(lambda e: (e["stage"], e["reason"]))
                 | "CountFailures" >> beam.combiners.Count.PerElement())
     # The errors files must be final before the manifest says the run is complete.
     shards_after_errors = shards | "AfterErrors" >> beam.Map(
         lambda s, _files: s, _files=beam.pvalue.AsList(error_files))
-    return ((input_count, embedded_count, failures, index, shards_after_errors)
+    return ((input_count, embedded_count, failures, index, shards_after_errors, *reuse_counts)
             | "WriteManifest" >> WriteManifest(config.output, config.settings,
                                                config.started_at))

@@ -29,8 +29,17 @@ class SimilarityOptions(PipelineOptions):
         parser.add_argument(
             "--output",
             required=True,
-            help="Output directory (local or FileSystems path); see README for the layout.",
+            help="Output root (local or FileSystems path): each run writes "
+            "ROOT/runs/<run_id>/ and, once verified, ROOT/LATEST points to it.",
         )
+        parser.add_argument("--run_id", default=None,
+                            help="Name of this run's directory (default: UTC time + suffix).")
+        parser.add_argument("--full_rebuild", action="store_true", default=False,
+                            help="Embed every image again instead of reusing the previous "
+                            "good run's embeddings of unchanged images.")
+        parser.add_argument("--keep_runs", type=int, default=7,
+                            help="Complete runs kept under the output root (older ones and "
+                            "dead incomplete runs are deleted after a successful run).")
         parser.add_argument(
             "--model",
             default=DEFAULT_MODEL,
@@ -57,6 +66,9 @@ class SimilarityOptions(PipelineOptions):
         parser.add_argument("--search", choices=("auto", "exact", "annoy"), default="auto",
                             help="Neighbour search: exact cosine, Annoy candidates re-ranked "
                             "by exact cosine, or chosen by catalogue size.")
+        parser.add_argument("--features_only", action="store_true", default=False,
+                            help="Only embed: write features/ and errors/, skip the index and "
+                            "the neighbours.")
         parser.add_argument("--n_trees", type=int, default=0,
                             help="Annoy trees; 0 = chosen from the catalogue size.")
         parser.add_argument("--search_k", type=int, default=0,

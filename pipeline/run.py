@@ -19,7 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions,
                                                   StandardOptions)
 
-from pipeline import files
+from pipeline import files, publish
 from pipeline.graph import ERRORS_DIR, RunConfig, build_graph
 from pipeline.models.registry import ModelLoadError, resolve_model
 from pipeline.options import SimilarityOptions
@@ -80,8 +80,26 @@ def _validate(opts: SimilarityOptions) -> None:
         raise UsageError(f"--top_k must be at least 1, got {opts.top_k}")
     if opts.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {opts.batch_size}")
+    if opts.keep_runs < 1:
+        raise UsageError(f"--keep_runs must be at least 1, got {opts.keep_runs}")
+    if opts.run_id is not None and (not opts.run_id or "/" in opts.run_id
+                                    or opts.run_id.startswith(".")):
+        raise UsageError(f"--run_id must be a plain directory name, got {opts.run_id!r}")
     if opts.fetch_concurrency < 1:
         raise UsageError(f"--fetch_concurrency must be at least 1, got {opts.fetch_concurrency}")
+
+
+def previous_run_for(root: str, model_id: str, full_rebuild: bool) -> tuple[str | None, str]:
+    """The last good run whose embeddings this run may reuse, and why (not)."""
+    if full_rebuild:
+        return None, "--full_rebuild"
+    latest = publish.latest_run(root)
+    if latest is None:
+        return None, "no previous run"
+    previous_model = files.read_json(files.join(latest, MANIFEST_FILE)).get("model")
+    if previous_model != model_id:
+        return None, f"the previous run used {previous_model}, not {model_id}"
+    return latest, "reusing unchanged images"
 
 
 def make_config(options: PipelineOptions) -> RunConfig:
@@ -91,6 +109,8 @@ def make_config(options: PipelineOptions) -> RunConfig:
     started_at = time.time()
     catalog = inspect_catalog(opts.input, opts.id_column, opts.image_column)
     model = resolve_model(opts.model, cache_dir=opts.model_cache_dir, engine=opts.engine)
+    run_id = opts.run_id or publish.new_run_id()
+    previous, reuse_note = previous_run_for(opts.output, model.model_id, opts.full_rebuild)
     workers = worker_count(options)
     threads = opts.model_threads or max(1, (os.cpu_count() or 1) // workers)
     fetch = FetchConfig(read_timeout=opts.fetch_timeout, max_retries=opts.fetch_retries,
@@ -100,6 +120,10 @@ def make_config(options: PipelineOptions) -> RunConfig:
     settings = {
         "input": opts.input,
         "output": opts.output,
+        "run_id": run_id,
+        "run_dir": publish.run_dir(opts.output, run_id),
+        "previous_run": previous,
+        "reuse": reuse_note,
         "catalog_kind": catalog.kind,
         "model": model.model_id,
         "model_name": model.name,
@@ -112,11 +136,12 @@ def make_config(options: PipelineOptions) -> RunConfig:
         "workers": workers,
         "versions": library_versions(),
     }
-    return RunConfig(output=opts.output, catalog=catalog, model=model, top_k=opts.top_k,
+    return RunConfig(output=publish.run_dir(opts.output, run_id), catalog=catalog, model=model, top_k=opts.top_k,
                      batch_size=opts.batch_size, model_threads=threads, search=opts.search,
                      n_trees=opts.n_trees, search_k=opts.search_k, seed=opts.seed,
                      max_image_pixels=opts.max_image_pixels, fetch=fetch,
-                     started_at=started_at, settings=settings)
+                     started_at=started_at, settings=settings,
+                     features_only=opts.features_only, previous_run=previous)
 
 
 def summarize(manifest: dict) -> str:
@@ -132,15 +157,17 @@ def summarize(manifest: dict) -> str:
     for reason, count in counts["failed_by_reason"].items():
         lines.append(f"    {count} × {reason}")
     out = manifest["output"]
+    if "neighbors" in manifest:
+        lines.append(f"  neighbours: {manifest['neighbors']['products']} products, top "
+                     f"{manifest['top_k']} ({manifest['index']['search']} search)")
     lines += [
-        f"  neighbours: {manifest['neighbors']['products']} products, top {manifest['top_k']} "
-        f"({manifest['index']['search']} search)",
         f"Outputs in {out}:",
         f"  {files.join(out, 'neighbors')}/  per-product top-{manifest['top_k']} JSONL",
         f"  {files.join(out, 'similar_products-*.jsonl')}  flat master/similar pairs",
         f"  {files.join(out, FEATURES_DIR)}/  embeddings (Parquet)",
         f"  {files.join(out, ERRORS_DIR)}/  one line per failed row",
         f"  {files.join(out, MANIFEST_FILE)}",
+        f"Published as {files.join(manifest['output'], publish.LATEST)}",
     ]
     return "\n".join(lines)
 
@@ -148,15 +175,22 @@ def summarize(manifest: dict) -> str:
 def run(argv=None, test_pipeline=None) -> dict:
     """Run the job with command-line ``argv``; returns the written manifest.
 
-    ``test_pipeline`` lets tests pass Beam's ``TestPipeline``.
+    The run writes ``ROOT/runs/<run_id>/`` (marked INCOMPLETE while it runs);
+    only when it finished and its files match its manifest does ``ROOT/LATEST``
+    move to it. ``test_pipeline`` lets tests pass Beam's ``TestPipeline``.
     """
     options = PipelineOptions(argv)
+    opts = options.view_as(SimilarityOptions)
     config = make_config(options)
     prepare_output(config.output)
+    publish.mark_incomplete(config.output, config.settings["run_id"])
     pipeline = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
     build_graph(pipeline, config)
     result = pipeline.run()
     result.wait_until_finish()
+    publish.publish(opts.output, config.settings["run_id"])
+    publish.prune_runs(opts.output, opts.keep_runs, config.settings["run_id"],
+                       config.started_at)
     return files.read_json(files.join(config.output, MANIFEST_FILE))
 
 

@@ -68,9 +68,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    # /image.jpg: a good JPEG with cache headers.
+    # /image.jpg: a good JPEG with cache headers; answers a matching
+    # conditional request with 304 Not Modified, as CDNs do.
     def _route_image_jpg(self, rest, hits):
-        self._send(200, JPEG, headers={"ETag": '"jpeg-v1"', "Last-Modified": "Wed, 01 Jan 2025 00:00:00 GMT"})
+        cache = {"ETag": '"jpeg-v1"', "Last-Modified": "Wed, 01 Jan 2025 00:00:00 GMT"}
+        if self.headers.get("If-None-Match") == cache["ETag"]:
+            self.send_response(304)
+            for key, value in cache.items():
+                self.send_header(key, value)
+            self.end_headers()
+            return
+        self._send(200, JPEG, headers=cache)
 
     # /photo.png: a JPEG at a URL ending .png (content decides, not names).
     def _route_photo_png(self, rest, hits):

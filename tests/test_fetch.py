@@ -71,6 +71,13 @@ def test_downloads_body_with_cache_headers(http_server):
     assert result.retries == 0
 
 
+def test_unchanged_image_answers_a_conditional_request_with_304(http_server):
+    result = fetcher().fetch(http_server.url("image.jpg"), etag='"jpeg-v1"')
+    assert (result.status, result.data, result.etag) == (304, b"", '"jpeg-v1"')
+    changed = fetcher().fetch(http_server.url("image.jpg"), etag='"jpeg-v0"')
+    assert (changed.status, changed.data) == (200, JPEG)
+
+
 def test_sends_the_configured_user_agent_and_never_netrc_credentials(http_server, tmp_path, monkeypatch):
     netrc = tmp_path / "netrc"
     netrc.write_text("machine 127.0.0.1 login user password secret\n")

@@ -47,9 +47,9 @@ def catalog(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first_run(catalog, tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("out")
-    manifest = _run(catalog, out, tiny_model)
-    return out, manifest
+    root = tmp_path_factory.mktemp("out")
+    manifest = _run(catalog, root, tiny_model)
+    return manifest["run_dir"], manifest
 
 
 def test_every_row_is_embedded_or_reported(first_run):
@@ -140,14 +140,17 @@ def test_index_files_and_meta(first_run):
 def test_same_input_same_neighbors_and_rerun_replaces_output(first_run, catalog, tiny_model,
                                                              tmp_path):
     out, _ = first_run
-    second = tmp_path / "second"
-    _run(catalog, second, tiny_model, "--search=annoy")
+    second = _run(catalog, tmp_path / "second", tiny_model, "--search=annoy",
+                  "--full_rebuild")["run_dir"]
     names = sorted(os.path.relpath(p, second) for p in glob.glob(f"{second}/neighbors/*"))
     assert names == sorted(os.path.relpath(p, out) for p in glob.glob(f"{out}/neighbors/*"))
     for name in names:
         assert open(f"{second}/{name}", "rb").read() == open(f"{out}/{name}", "rb").read()
-    # Running again into the same directory replaces, never mixes, outputs.
-    _run(catalog, second, tiny_model, "--search=annoy")
+    # Running again with an explicit run id replaces, never mixes, that run's outputs.
+    run_id = os.path.basename(second)
+    again = _run(catalog, tmp_path / "second", tiny_model, "--search=annoy", "--full_rebuild",
+                 f"--run_id={run_id}")
+    assert again["run_dir"] == second
     assert len(_features(second)) == len(FAMILIES) * 3
 
 
@@ -157,7 +160,7 @@ def test_glob_input_and_two_worker_processes(catalog, tiny_model, tmp_path):
                     "--direct_running_mode=multi_processing")
     assert manifest["counts"]["input"] == len(FAMILIES) * 3
     assert manifest["counts"]["embedded"] == len(FAMILIES) * 3
-    ids = {r["product_id"] for r in _jsonl(f"{tmp_path}/out/neighbors/*.jsonl")}
+    ids = {r["product_id"] for r in _jsonl(f"{tmp_path}/out/LATEST/neighbors/*.jsonl")}
     assert "p00-0" in ids
 
 
@@ -169,3 +172,11 @@ def test_unusable_catalog_exits_2_with_one_sentence(tmp_path, tiny_model, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: manifest") and "--id_column" in err
     assert "Traceback" not in err
+
+
+def test_features_only_run_stops_after_features(catalog, tiny_model, tmp_path):
+    manifest = _run(catalog, tmp_path / "f", tiny_model, "--features_only")
+    assert manifest["counts"]["embedded"] == len(FAMILIES) * 3
+    assert "neighbors" not in manifest and "index" not in manifest
+    assert len(_features(manifest["run_dir"])) == len(FAMILIES) * 3
+    assert not os.path.exists(os.path.join(manifest["run_dir"], "neighbors"))

@@ -15,7 +15,7 @@ def test_sample_siblings_come_back_as_top_neighbours(tmp_path):
     assert result["model"].startswith("efficientnet_lite0@")
     assert result["counts"]["embedded"] == len(PHOTOS) * len(VARIANTS)
     assert result["counts"]["failed_by_reason"] == {"decode:not_an_image": 1}
-    records = [json.loads(line) for path in glob.glob(f"{tmp_path}/out/neighbors/*.jsonl")
+    records = [json.loads(line) for path in glob.glob(f"{result['run_dir']}/neighbors/*.jsonl")
                for line in open(path)]
     for record in records:
         photo = record["product_id"].rsplit("-", 1)[0]

@@ -29,7 +29,7 @@ def real_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("products")
     manifest = run([f"--input={CATALOG}", f"--output={out}", "--direct_num_workers=2",
                     "--direct_running_mode=multi_processing"])
-    return str(out), manifest
+    return manifest["run_dir"], manifest
 
 
 def test_every_product_has_twenty_neighbours(real_run):

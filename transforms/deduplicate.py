@@ -25,11 +25,23 @@ def _describe(row: dict) -> str:
     return f"manifest row {number + 1}" if number is not None else str(row.get("image"))
 
 
+REMOVED = "removed"
+
+
 class _KeepFirstFn(beam.DoFn):
     def process(self, keyed):
-        product_id, rows = keyed
+        product_id, grouped = keyed
+        if isinstance(grouped, dict):  # joined with the previous run's features
+            rows, previous = list(grouped["rows"]), list(grouped["previous"])
+        else:
+            rows, previous = list(grouped), []
+        if not rows:  # in the previous run, no longer in the catalogue
+            yield pvalue.TaggedOutput(REMOVED, product_id)
+            return
         rows = sorted(rows, key=_order_key)
         kept = rows[0]
+        if previous:
+            kept = dict(kept, previous=previous[0])
         yield kept
         for dup in rows[1:]:
             yield pvalue.TaggedOutput(ERRORS, error_record(
@@ -39,10 +51,23 @@ class _KeepFirstFn(beam.DoFn):
 
 
 class DeduplicateProductIds(beam.PTransform):
-    """Keep one row per product id; the others go to the ``errors`` output."""
+    """Keep one row per product id; the others go to the ``errors`` output.
+
+    With ``previous`` — (product_id, feature row) pairs of the last good run —
+    each kept row also gets its ``previous`` feature row, and ids only the
+    previous run had come out on the ``removed`` output.
+    """
+
+    def __init__(self, previous=None):
+        super().__init__()
+        self._previous = previous
 
     def expand(self, rows):
-        return (rows
-                | "KeyById" >> beam.Map(lambda row: (row["product_id"], row))
-                | "GroupById" >> beam.GroupByKey()
-                | "KeepFirst" >> beam.ParDo(_KeepFirstFn()).with_outputs(ERRORS, main="rows"))
+        keyed = rows | "KeyById" >> beam.Map(lambda row: (row["product_id"], row))
+        if self._previous is None:
+            grouped = keyed | "GroupById" >> beam.GroupByKey()
+        else:
+            grouped = ({"rows": keyed, "previous": self._previous}
+                       | "JoinPrevious" >> beam.CoGroupByKey())
+        return grouped | "KeepFirst" >> beam.ParDo(_KeepFirstFn()).with_outputs(
+            ERRORS, REMOVED, main="rows")

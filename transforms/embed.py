@@ -65,6 +65,8 @@ def feature_row(row: dict, embedding: np.ndarray, model_id: str) -> dict:
         "sha256": row.get("sha256"),
         "width": row.get("width"),
         "height": row.get("height"),
+        "etag": row.get("etag"),
+        "last_modified": row.get("last_modified"),
     }
     out.update(row.get("extra") or {})
     return out

@@ -192,12 +192,21 @@ class HttpFetcher:
         """Close pooled connections."""
         self._session.close()
 
-    def fetch(self, url: str) -> FetchResult:
+    def fetch(self, url: str, etag: str | None = None,
+              last_modified: str | None = None) -> FetchResult:
         """Download ``url`` and return its body, or raise FetchError.
 
         Redirects are followed by hand, up to ``max_redirects``, so that every
         hop passes the same scheme and private-address checks as the first.
+        With the ``etag`` / ``last_modified`` of an earlier download the request
+        is conditional: an unchanged image answers 304 (``status`` 304, empty
+        ``data``), so a nightly run does not download it again.
         """
+        conditional = {}
+        if etag:
+            conditional["If-None-Match"] = etag
+        if last_modified:
+            conditional["If-Modified-Since"] = last_modified
         cfg = self.config
         deadline = time.monotonic() + cfg.total_timeout
         retries = 0
@@ -207,13 +216,21 @@ class HttpFetcher:
                 message = f"gave up on {url}: redirects took longer than {cfg.total_timeout:g} s"
                 raise FetchError("timeout", message, retries)
             check_url(current, cfg.allow_private_hosts, cfg.allowed_hosts, self._resolver)
-            response = self._get(current, retries)
+            response = self._get(current, retries, conditional)
             try:
                 retries += _retries_of(response)
                 location = response.headers.get("Location")
                 if response.status_code in REDIRECT_STATUSES and location:
                     current = urljoin(current, location)
                     continue
+                if response.status_code == 304 and conditional:
+                    return FetchResult(
+                        data=b"",
+                        status=304,
+                        etag=response.headers.get("ETag") or etag,
+                        last_modified=response.headers.get("Last-Modified") or last_modified,
+                        retries=retries,
+                    )
                 if not 200 <= response.status_code < 300:
                     raise _status_error(response, current, retries)
                 data = self._read_body(response, current, deadline, retries)
@@ -229,12 +246,14 @@ class HttpFetcher:
         message = f"{url} redirected more than {cfg.max_redirects} times (last to {current})"
         raise FetchError("too_many_redirects", message, retries)
 
-    def _get(self, url: str, retries_so_far: int) -> requests.Response:
+    def _get(self, url: str, retries_so_far: int,
+             headers: dict | None = None) -> requests.Response:
         """Send one GET (urllib3 retries inside it); map transport errors."""
         cfg = self.config
         try:
             return self._session.get(
                 url,
+                headers=headers or None,
                 stream=True,
                 allow_redirects=False,
                 timeout=(cfg.connect_timeout, cfg.read_timeout),
@@ -338,7 +357,7 @@ def _find_cause(exc: BaseException, kind: type) -> BaseException | None:
     stack = [exc]
     while stack:
         current = stack.pop()
-        if current is None or id(current) in seen:
+        if not isinstance(current, BaseException) or id(current) in seen:  # ssl errors carry a str .reason
             continue
         seen.add(id(current))
         if isinstance(current, kind):

@@ -31,7 +31,8 @@ MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".par
 
 # Columns the pipeline writes itself; a manifest column of the same name is
 # carried as ``manifest_<name>`` so it cannot overwrite them.
-RESERVED_COLUMNS = ("product_id", "image", "embedding", "model", "sha256", "width", "height")
+RESERVED_COLUMNS = ("product_id", "image", "embedding", "model", "sha256", "width", "height",
+                    "etag", "last_modified")
 
 _CSV_BLOCK_BYTES = 8 << 20
 _URL_SCHEMES = ("http://", "https://")

@@ -22,6 +22,9 @@ def features_schema(model: ResolvedModel, catalog: CatalogInfo) -> pa.Schema:
         pa.field("sha256", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
+        # HTTP validators of URL images: the next run asks "changed since?" with them.
+        pa.field("etag", pa.string()),
+        pa.field("last_modified", pa.string()),
     ]
     fields.extend(catalog.carried_schema_fields())
     metadata = {

@@ -24,7 +24,8 @@ class IncompleteRunError(RuntimeError):
 
 
 def build_manifest(settings: dict, input_count: int, embedded: int, failures: list,
-                   index: dict, shards: list, started_at: float) -> dict:
+                   index: dict | None, shards: list, started_at: float, reused: int = 0,
+                   removed: int = 0) -> dict:
     """The manifest document, after checking that no row went missing."""
     by_stage: Counter = Counter()
     by_reason: Counter = Counter()
@@ -37,22 +38,25 @@ def build_manifest(settings: dict, input_count: int, embedded: int, failures: li
             f"{input_count} input rows but {embedded} embedded + {failed} failed; refusing to "
             f"publish an output that lost rows")
     neighbor_rows = sum(s["rows"] for s in shards)
-    if neighbor_rows != embedded or index.get("count") != embedded:
+    if index is not None and (neighbor_rows != embedded or index.get("count") != embedded):
         raise IncompleteRunError(
             f"{embedded} products embedded but the index holds {index.get('count')} and "
             f"{neighbor_rows} neighbour lines were written")
     finished = time.time()
     wall = finished - started_at
-    return dict(
+    manifest = dict(
         settings,
         counts={
             "input": input_count,
             "embedded": embedded,
+            "reused": reused,
+            "newly_embedded": embedded - reused,
+            "removed": removed,
             "failed": failed,
             "failed_by_stage": dict(sorted(by_stage.items())),
             "failed_by_reason": dict(sorted(by_reason.items())),
         },
-        index={k: index[k] for k in ("dim", "metric", "n_trees", "search_k", "candidates",
+        index=None if index is None else {k: index[k] for k in ("dim", "metric", "n_trees", "search_k", "candidates",
                                      "search", "seed", "count")},
         neighbors={
             "products": neighbor_rows,
@@ -64,11 +68,17 @@ def build_manifest(settings: dict, input_count: int, embedded: int, failures: li
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
             "wall_seconds": round(wall, 2),
-            "index_build_seconds": index.get("build_seconds"),
+            "index_build_seconds": index and index.get("build_seconds"),
             "query_seconds_total": round(sum(s["seconds"] for s in shards), 2),
             "images_per_second": round(embedded / wall, 2) if wall > 0 else None,
         },
     )
+    if index is None:  # --features_only: no index and no neighbours in this run
+        for key in ("index", "neighbors"):
+            manifest.pop(key)
+        for key in ("index_build_seconds", "query_seconds_total"):
+            manifest["timings"].pop(key)
+    return manifest
 
 
 class WriteManifest(beam.PTransform):
@@ -81,12 +91,13 @@ class WriteManifest(beam.PTransform):
         self._started_at = started_at
 
     def expand(self, inputs):
-        input_count, embedded, failures, index, shards = inputs
+        input_count, embedded, failures, index, shards, reused, removed = inputs
         path, settings, started_at = self._path, self._settings, self._started_at
 
-        def write(_, input_count, embedded, failures, index, shards):
-            manifest = build_manifest(settings, input_count, embedded, failures, index,
-                                      shards, started_at)
+        def write(_, input_count, embedded, failures, index, shards, reused, removed):
+            manifest = build_manifest(settings, input_count, embedded, failures,
+                                      index[0] if index else None, shards, started_at,
+                                      reused, removed)
             files.write_json(path, manifest)
             yield manifest
 
@@ -97,5 +108,7 @@ class WriteManifest(beam.PTransform):
                     input_count=beam.pvalue.AsSingleton(input_count),
                     embedded=beam.pvalue.AsSingleton(embedded),
                     failures=beam.pvalue.AsList(failures),
-                    index=beam.pvalue.AsSingleton(index),
-                    shards=beam.pvalue.AsList(shards)))
+                    index=beam.pvalue.AsList(index),
+                    shards=beam.pvalue.AsList(shards),
+                    reused=beam.pvalue.AsSingleton(reused),
+                    removed=beam.pvalue.AsSingleton(removed)))
