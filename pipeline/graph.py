@@ -21,7 +21,8 @@ from transforms.deduplicate import REMOVED, DeduplicateProductIds
 from transforms.embed import EmbedImages
 from transforms.errors import ERRORS
 from transforms.fetch import FetchConfig
-from transforms.query_neighbors import QueryNeighbors
+from transforms.duplicate_groups import WriteDuplicateGroups
+from transforms.query_neighbors import NEAR_DUPLICATES, QueryNeighbors
 from transforms.read_bytes import ReadImageBytesFn
 from transforms.read_catalog import CatalogInfo, ReadCatalog
 from transforms.reuse_previous import REUSED, ReadPreviousFeatures, SplitUnchangedFn
@@ -52,6 +53,10 @@ class RunConfig:
     settings: dict  # written into manifest.json as is
     features_only: bool = False  # stop after features/ and errors/ (no index, no neighbours)
     previous_run: str | None = None  # the last good run, whose unchanged embeddings are reused
+    partition_by: str | None = None  # neighbours only within the same value of this column
+    exclude_same: str | None = None  # never pair products sharing a value of this column
+    min_similarity: float | None = None  # drop weaker neighbours
+    duplicate_threshold: float = 0.97  # near-duplicate groups link at this similarity
 
 
 def build_graph(p: beam.Pipeline, config: RunConfig):
@@ -93,8 +98,15 @@ def build_graph(p: beam.Pipeline, config: RunConfig):
     else:
         index = feature_files | "BuildIndex" >> BuildIndex(
             config.output, config.model.model_id, config.top_k, config.search,
-            config.n_trees, config.search_k, config.seed)
-        shards = index | "QueryNeighbors" >> QueryNeighbors(config.output, config.top_k)
+            config.n_trees, config.search_k, config.seed, config.partition_by,
+            config.exclude_same)
+        queried = index | "QueryNeighbors" >> QueryNeighbors(
+            config.output, config.top_k, config.min_similarity, config.duplicate_threshold)
+        groups = ((features, queried[NEAR_DUPLICATES])
+                  | "DuplicateGroups" >> WriteDuplicateGroups(config.output))
+        # The duplicate groups must be written before the manifest.
+        shards = queried.shards | "AfterDuplicates" >> beam.Map(
+            lambda s, _groups: s, _groups=beam.pvalue.AsList(groups))
 
     input_count = rows | "CountInput" >> beam.combiners.Count.Globally()
     embedded_count = features | "CountEmbedded" >> beam.combiners.Count.Globally()

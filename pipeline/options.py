@@ -69,6 +69,17 @@ class SimilarityOptions(PipelineOptions):
         parser.add_argument("--features_only", action="store_true", default=False,
                             help="Only embed: write features/ and errors/, skip the index and "
                             "the neighbours.")
+        parser.add_argument("--partition_by", default=None,
+                            help="A manifest column (e.g. a category or gender): neighbours "
+                            "are only drawn from the same value; one index per value.")
+        parser.add_argument("--exclude_same", default=None,
+                            help="A manifest column (e.g. a parent product or variant group): "
+                            "products sharing a value are never each other's neighbours.")
+        parser.add_argument("--min_similarity", type=float, default=None,
+                            help="Drop neighbours with a lower cosine similarity.")
+        parser.add_argument("--duplicate_threshold", type=float, default=0.97,
+                            help="Products this similar (or with identical image bytes) are "
+                            "grouped in duplicates/.")
         parser.add_argument("--n_trees", type=int, default=0,
                             help="Annoy trees; 0 = chosen from the catalogue size.")
         parser.add_argument("--search_k", type=int, default=0,

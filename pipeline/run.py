@@ -24,6 +24,7 @@ from pipeline.graph import ERRORS_DIR, RunConfig, build_graph
 from pipeline.models.registry import ModelLoadError, resolve_model
 from pipeline.options import SimilarityOptions
 from transforms.build_index import INDEX_DIR
+from transforms.duplicate_groups import DUPLICATES_DIR
 from transforms.fetch import FetchConfig
 from transforms.query_neighbors import clear_stale_shards
 from transforms.read_catalog import CatalogError, inspect_catalog
@@ -68,8 +69,8 @@ def prepare_output(output: str) -> None:
     manifest = files.join(output, MANIFEST_FILE)
     if FileSystems.exists(manifest):
         FileSystems.delete([manifest])
-    for sub in (FEATURES_DIR, ERRORS_DIR, INDEX_DIR):
-        found = FileSystems.match([files.join(output, sub, "*")])[0].metadata_list
+    for sub in (FEATURES_DIR, ERRORS_DIR, INDEX_DIR, DUPLICATES_DIR):
+        found = FileSystems.match([files.join(output, sub, "**")])[0].metadata_list
         if found:
             FileSystems.delete([m.path for m in found])
     clear_stale_shards(output)
@@ -80,6 +81,11 @@ def _validate(opts: SimilarityOptions) -> None:
         raise UsageError(f"--top_k must be at least 1, got {opts.top_k}")
     if opts.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {opts.batch_size}")
+    if opts.min_similarity is not None and not -1 <= opts.min_similarity <= 1:
+        raise UsageError(f"--min_similarity must be within [-1, 1], got {opts.min_similarity}")
+    if not -1 <= opts.duplicate_threshold <= 1:
+        raise UsageError(f"--duplicate_threshold must be within [-1, 1], got "
+                         f"{opts.duplicate_threshold}")
     if opts.keep_runs < 1:
         raise UsageError(f"--keep_runs must be at least 1, got {opts.keep_runs}")
     if opts.run_id is not None and (not opts.run_id or "/" in opts.run_id
@@ -100,6 +106,18 @@ def previous_run_for(root: str, model_id: str, full_rebuild: bool) -> tuple[str 
     if previous_model != model_id:
         return None, f"the previous run used {previous_model}, not {model_id}"
     return latest, "reusing unchanged images"
+
+
+def carried_column(catalog, name: str | None, option: str) -> str | None:
+    """The feature column holding manifest column ``name`` (checked at start-up)."""
+    if name is None:
+        return None
+    for manifest_name, output_name, _ in catalog.carried:
+        if manifest_name == name:
+            return output_name
+    available = [c[0] for c in catalog.carried]
+    raise UsageError(f"{option}={name}: the catalogue has no such column (it carries "
+                     f"{available or 'no columns: use a manifest, not a glob'})")
 
 
 def make_config(options: PipelineOptions) -> RunConfig:
@@ -132,6 +150,10 @@ def make_config(options: PipelineOptions) -> RunConfig:
         "engine": model.engine,
         "top_k": opts.top_k,
         "seed": opts.seed,
+        "partition_by": opts.partition_by,
+        "exclude_same": opts.exclude_same,
+        "min_similarity": opts.min_similarity,
+        "duplicate_threshold": opts.duplicate_threshold,
         "runner": options.view_as(StandardOptions).runner or "DirectRunner",
         "workers": workers,
         "versions": library_versions(),
@@ -141,7 +163,11 @@ def make_config(options: PipelineOptions) -> RunConfig:
                      n_trees=opts.n_trees, search_k=opts.search_k, seed=opts.seed,
                      max_image_pixels=opts.max_image_pixels, fetch=fetch,
                      started_at=started_at, settings=settings,
-                     features_only=opts.features_only, previous_run=previous)
+                     features_only=opts.features_only, previous_run=previous,
+                     partition_by=carried_column(catalog, opts.partition_by, "--partition_by"),
+                     exclude_same=carried_column(catalog, opts.exclude_same, "--exclude_same"),
+                     min_similarity=opts.min_similarity,
+                     duplicate_threshold=opts.duplicate_threshold)
 
 
 def summarize(manifest: dict) -> str:

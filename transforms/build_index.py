@@ -1,15 +1,23 @@
-"""Build the search index once all features are written.
+"""Build the search index once all features are written — one index per partition.
 
-The index needs every vector in one place, so it is built by one worker after
-the feature shards are final (their file names are this step's input). It
-writes ``OUT/index/``: the Annoy index (angular, seeded), the vectors as
-``.npy`` (row-aligned, memory-mappable, no pickle), the row → product id map
-as Parquet, and ``meta.json``. Query workers then memory-map those files.
+The index needs every vector of a partition in one place, so after the feature
+shards are final (their file names are this step's input) one worker reads the
+ids and embeddings back from Parquet and splits them by partition (the whole
+catalogue is one partition unless ``--partition_by`` names a manifest column).
+Each partition's vectors (``.npy``, row-aligned, memory-mappable, no pickle) and
+row → product id map (Parquet) are written there; the Annoy forests — the
+expensive part — are then built in parallel, one per partition.
+
+Layout: ``OUT/index/{annoy.ann, vectors.npy, ids.parquet, meta.json}`` for a
+whole-catalogue index; with partitions, the same files under
+``OUT/index/<partition-slug>/`` plus ``OUT/index/partitions.json``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import tempfile
 import time
 
@@ -17,57 +25,151 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
 
 from pipeline import files, similarity_search
-from pipeline.features import read_feature_matrix
+from pipeline.features import MixedModelsError
 
 INDEX_DIR = "index"
 ANNOY_FILE = "annoy.ann"
 VECTORS_FILE = "vectors.npy"
 IDS_FILE = "ids.parquet"
 META_FILE = "meta.json"
+PARTITIONS_FILE = "partitions.json"
 
 
-class BuildIndexFn(beam.DoFn):
-    """All feature shard paths → the index files; yields the index description."""
+def partition_slug(value) -> str:
+    """A directory name for a partition value: readable, unique, filesystem-safe."""
+    text = "" if value is None else str(value)
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:40].strip("._") or "none"
+    return f"{readable}-{hashlib.sha1(text.encode('utf-8')).hexdigest()[:8]}"
 
-    def __init__(self, output_dir: str, model_id: str, top_k: int, search: str,
-                 n_trees: int, search_k: int, seed: int):
+
+def _read_columns(path: str, columns: list[str]) -> pa.Table:
+    with FileSystems.open(path) as handle:
+        return pq.read_table(pa.PythonFile(handle, mode="r"), columns=columns)
+
+
+def _max_group(keys: list) -> int:
+    """Largest number of rows sharing one non-null key (1 when keys are unique or None)."""
+    counts: dict = {}
+    for key in keys:
+        if key is not None and key != "":
+            counts[key] = counts.get(key, 0) + 1
+    return max(counts.values(), default=1)
+
+
+class SplitPartitionsFn(beam.DoFn):
+    """All feature shard paths → per-partition vectors and id maps; yields one item each."""
+
+    def __init__(self, output_dir: str, model_id: str, partition_column: str | None,
+                 exclude_column: str | None):
         self._output_dir = output_dir
         self._model_id = model_id
+        self._partition_column = partition_column
+        self._exclude_column = exclude_column
+
+    def process(self, feature_paths):
+        started = time.time()
+        columns = ["product_id", "embedding", "model"]
+        for extra in (self._partition_column, self._exclude_column):
+            if extra and extra not in columns:
+                columns.append(extra)
+        tables = [_read_columns(p, columns) for p in sorted(feature_paths)]
+        tables = [t for t in tables if t.num_rows]
+        table = pa.concat_tables(tables) if tables else None
+        index_root = files.join(self._output_dir, INDEX_DIR)
+        if table is None:
+            yield self._write_partition(index_root, None, [], np.zeros((0, 0), np.float32),
+                                        [], started)
+            return
+        models = sorted(set(table.column("model").to_pylist()))
+        if models != [self._model_id]:
+            raise MixedModelsError(
+                f"features come from {', '.join(models)}; this run's model is "
+                f"{self._model_id} — one index needs one model")
+        ids = table.column("product_id").to_pylist()
+        flat = table.column("embedding").combine_chunks().flatten().to_numpy(
+            zero_copy_only=False).astype(np.float32, copy=False)
+        vectors = flat.reshape(len(ids), flat.size // len(ids))
+        partitions = (table.column(self._partition_column).to_pylist()
+                      if self._partition_column else [None] * len(ids))
+        excludes = (table.column(self._exclude_column).to_pylist()
+                    if self._exclude_column else [None] * len(ids))
+        order = sorted(range(len(ids)), key=lambda i: ids[i])
+        groups: dict = {}
+        for i in order:
+            key = partitions[i] if self._partition_column else None
+            groups.setdefault("" if key is None else str(key), []).append(i)
+        descriptions = []
+        for value in sorted(groups):
+            rows = groups[value]
+            directory = (files.join(index_root, partition_slug(value))
+                         if self._partition_column else index_root)
+            descriptions.append(self._write_partition(
+                directory, value if self._partition_column else None,
+                [ids[i] for i in rows], vectors[rows], [excludes[i] for i in rows], started))
+        if self._partition_column:
+            files.write_json(files.join(index_root, PARTITIONS_FILE), {
+                "partition_by": self._partition_column,
+                "partitions": [{"value": d["partition"], "dir": os.path.basename(
+                    d["index_dir"].rstrip("/")), "count": d["count"]} for d in descriptions]})
+        yield from descriptions
+
+    def _write_partition(self, directory, value, ids, vectors, excludes, started):
+        with tempfile.TemporaryDirectory(prefix="similarity-index-") as local:
+            similarity_search.save_vectors(os.path.join(local, VECTORS_FILE), vectors)
+            columns = {"row": pa.array(np.arange(len(ids), dtype=np.int64)),
+                       "product_id": pa.array(ids, type=pa.string())}
+            if self._exclude_column:
+                columns["exclude_key"] = pa.array(
+                    [None if e is None else str(e) for e in excludes], type=pa.string())
+            pq.write_table(pa.table(columns), os.path.join(local, IDS_FILE))
+            for name in (VECTORS_FILE, IDS_FILE):
+                files.upload_file(os.path.join(local, name), files.join(directory, name))
+        return {
+            "index_dir": directory,
+            "partition": value,
+            "count": len(ids),
+            "dim": int(vectors.shape[1]) if len(ids) else 0,
+            "model": self._model_id,
+            "max_exclude_group": _max_group(excludes) if self._exclude_column else 1,
+            "split_seconds": round(time.time() - started, 3),
+        }
+
+
+class BuildAnnoyFn(beam.DoFn):
+    """One partition's vectors → its Annoy forest and meta.json; yields the description."""
+
+    def __init__(self, top_k: int, search: str, n_trees: int, search_k: int, seed: int):
         self._top_k = top_k
         self._search = search
         self._n_trees = n_trees
         self._search_k = search_k
         self._seed = seed
 
-    def process(self, feature_paths):
+    def process(self, part: dict):
         started = time.time()
-        matrix = read_feature_matrix(sorted(feature_paths))
-        if matrix.model_id not in (None, self._model_id):
-            raise ValueError(f"features were made by {matrix.model_id}, not by this run's "
-                             f"model {self._model_id}")
-        n, dim = matrix.vectors.shape if matrix.count else (0, 0)
+        n, dim = part["count"], part["dim"]
         search = similarity_search.choose_search(n, self._search)
-        n_trees = self._n_trees or similarity_search.default_n_trees(n, dim)
-        candidates = similarity_search.default_candidates(self._top_k)
-        search_k = self._search_k or similarity_search.default_search_k(n_trees, candidates)
-        index_dir = files.join(self._output_dir, INDEX_DIR)
-        with tempfile.TemporaryDirectory(prefix="similarity-index-") as local:
-            similarity_search.save_vectors(os.path.join(local, VECTORS_FILE), matrix.vectors)
-            ids = pa.table({"row": pa.array(np.arange(n, dtype=np.int64)),
-                            "product_id": pa.array(matrix.product_ids, type=pa.string())})
-            pq.write_table(ids, os.path.join(local, IDS_FILE))
-            names = [VECTORS_FILE, IDS_FILE]
-            if n:
-                similarity_search.build_annoy_index(
-                    matrix.vectors, os.path.join(local, ANNOY_FILE), n_trees, self._seed)
-                names.append(ANNOY_FILE)
-            for name in names:
-                files.upload_file(os.path.join(local, name), files.join(index_dir, name))
+        n_trees = self._n_trees or (similarity_search.default_n_trees(n, dim) if n else 0)
+        query_k = self._top_k + part["max_exclude_group"] - 1
+        candidates = similarity_search.default_candidates(query_k)
+        search_k = self._search_k or similarity_search.default_search_k(max(n_trees, 1),
+                                                                        candidates)
+        if n:
+            with tempfile.TemporaryDirectory(prefix="similarity-annoy-") as local:
+                vectors_path = os.path.join(local, VECTORS_FILE)
+                files.copy_to_local(files.join(part["index_dir"], VECTORS_FILE), local)
+                vectors = similarity_search.load_vectors(vectors_path, mmap=True)
+                annoy_path = os.path.join(local, ANNOY_FILE)
+                similarity_search.build_annoy_index(vectors, annoy_path, n_trees, self._seed)
+                del vectors
+                files.upload_file(annoy_path, files.join(part["index_dir"], ANNOY_FILE))
         meta = {
-            "model": self._model_id,
-            "dim": int(dim),
+            "model": part["model"],
+            "partition": part["partition"],
+            "dim": dim,
             "metric": "angular",
             "n_trees": int(n_trees),
             "seed": int(self._seed),
@@ -76,23 +178,28 @@ class BuildIndexFn(beam.DoFn):
             "search_k": int(search_k),
             "candidates": int(candidates),
             "top_k": int(self._top_k),
+            "query_k": int(query_k),
             "files": {"annoy": ANNOY_FILE if n else None, "vectors": VECTORS_FILE,
                       "ids": IDS_FILE},
-            "build_seconds": round(time.time() - started, 3),
+            "build_seconds": round(part["split_seconds"] + time.time() - started, 3),
         }
-        files.write_json(files.join(index_dir, META_FILE), meta)
-        yield dict(meta, index_dir=index_dir)
+        files.write_json(files.join(part["index_dir"], META_FILE), meta)
+        yield dict(meta, index_dir=part["index_dir"])
 
 
 class BuildIndex(beam.PTransform):
-    """Feature file names (after the write is final) → one index description."""
+    """Feature file names (after the write is final) → one description per partition index."""
 
     def __init__(self, output_dir: str, model_id: str, top_k: int, search: str = "auto",
-                 n_trees: int = 0, search_k: int = 0, seed: int = 42):
+                 n_trees: int = 0, search_k: int = 0, seed: int = 42,
+                 partition_column: str | None = None, exclude_column: str | None = None):
         super().__init__()
-        self._fn = BuildIndexFn(output_dir, model_id, top_k, search, n_trees, search_k, seed)
+        self._split = SplitPartitionsFn(output_dir, model_id, partition_column, exclude_column)
+        self._build = BuildAnnoyFn(top_k, search, n_trees, search_k, seed)
 
     def expand(self, feature_paths):
         return (feature_paths
                 | "AllShards" >> beam.combiners.ToList()
-                | "Build" >> beam.ParDo(self._fn))
+                | "SplitPartitions" >> beam.ParDo(self._split)
+                | "SpreadPartitions" >> beam.Reshuffle()
+                | "BuildAnnoy" >> beam.ParDo(self._build))

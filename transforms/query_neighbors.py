@@ -37,14 +37,24 @@ def rows_per_shard(count: int) -> int:
     return max(1000, min(20_000, math.ceil(count / 16))) if count else 1
 
 
-def plan_shards(index: dict):
-    """Split the index rows into (shard, n_shards, start, end) work items."""
-    count = index["count"]
-    size = rows_per_shard(count)
-    n_shards = max(1, math.ceil(count / size))
-    for shard in range(n_shards):
-        yield dict(index, shard=shard, n_shards=n_shards, start=shard * size,
-                   end=min(count, (shard + 1) * size))
+def plan_shards(indexes: list[dict]):
+    """Split every partition's rows into work items numbered across all partitions.
+
+    Partitions are taken in a fixed order (by value) and each is cut into
+    fixed row ranges, so shard names and contents depend only on the data.
+    """
+    indexes = sorted(indexes, key=lambda d: ("" if d["partition"] is None
+                                             else str(d["partition"])))
+    total = sum(d["count"] for d in indexes)
+    size = rows_per_shard(total)
+    items = []
+    for index in indexes:
+        for start in range(0, index["count"], size):
+            items.append(dict(index, start=start, end=min(index["count"], start + size)))
+    if not items:  # an empty run still writes one (empty) shard of each output
+        items.append(dict(indexes[0] if indexes else {"count": 0}, start=0, end=0))
+    for shard, item in enumerate(items):
+        yield dict(item, shard=shard, n_shards=len(items))
 
 
 def shard_name(prefix: str, shard: int, n_shards: int) -> str:
@@ -52,19 +62,32 @@ def shard_name(prefix: str, shard: int, n_shards: int) -> str:
     return f"{prefix}-{shard:05d}-of-{n_shards:05d}.jsonl"
 
 
-def neighbor_records(product_ids, query_rows, indices, sims):
-    """The contract's per-product records and origin B's flat pairs, in row order."""
+def neighbor_records(product_ids, query_rows, indices, sims, top_k=None, min_similarity=None,
+                     exclude_keys=None):
+    """The contract's per-product records and origin B's flat pairs, in row order.
+
+    Neighbours below ``min_similarity`` and neighbours sharing the query's
+    non-empty exclude key (same parent product, same variant group…) are
+    dropped before the list is cut to ``top_k``.
+    """
     records, flat = [], []
     for row, idx_row, sim_row in zip(query_rows, indices, sims):
         master = product_ids[row]
+        own_key = exclude_keys[row] if exclude_keys is not None else None
         neighbors = []
         for j, s in zip(idx_row, sim_row):
             if j < 0 or j == row:
                 continue
+            if own_key not in (None, "") and exclude_keys[j] == own_key:
+                continue
             similarity = round(float(s), 4)
+            if min_similarity is not None and similarity < min_similarity:
+                break  # sorted descending: every later one is weaker
             neighbors.append({"product_id": product_ids[j], "similarity": similarity})
-            flat.append({"similarity": similarity, "master_pi": master,
-                         "similar_pi": product_ids[j]})
+            if top_k is not None and len(neighbors) == top_k:
+                break
+        flat.extend({"similarity": n["similarity"], "master_pi": master,
+                     "similar_pi": n["product_id"]} for n in neighbors)
         records.append({"product_id": master, "neighbors": neighbors})
     return records, flat
 
@@ -80,18 +103,30 @@ class _LoadedIndex:
             local = cache
         self.vectors = similarity_search.load_vectors(os.path.join(local, VECTORS_FILE),
                                                       mmap=True)
-        self.product_ids = pq.read_table(os.path.join(local, IDS_FILE),
-                                         columns=["product_id"]).column(0).to_pylist()
+        ids = pq.read_table(os.path.join(local, IDS_FILE))
+        self.product_ids = ids.column("product_id").to_pylist()
+        self.exclude_keys = (ids.column("exclude_key").to_pylist()
+                             if "exclude_key" in ids.column_names else None)
         self.annoy = (similarity_search.open_annoy_index(os.path.join(local, ANNOY_FILE), dim)
                       if has_annoy else None)
 
 
-class QueryNeighborsFn(beam.DoFn):
-    """One row range → its neighbours shard and flat-pairs shard; yields a summary."""
+NEAR_DUPLICATES = "near_duplicates"
 
-    def __init__(self, output_dir: str, top_k: int):
+
+class QueryNeighborsFn(beam.DoFn):
+    """One row range → its neighbours shard and flat-pairs shard; yields a summary.
+
+    Pairs at or above ``duplicate_threshold`` also go to the ``near_duplicates``
+    output as (product_a, product_b, similarity) with a < b.
+    """
+
+    def __init__(self, output_dir: str, top_k: int, min_similarity: float | None = None,
+                 duplicate_threshold: float | None = None):
         self._output_dir = output_dir
         self._top_k = top_k
+        self._min_similarity = min_similarity
+        self._duplicate_threshold = duplicate_threshold
         self._loaded: dict[str, _LoadedIndex] = {}
         self._queried = Metrics.counter(METRICS_NAMESPACE, "neighbors_queried")
 
@@ -109,16 +144,25 @@ class QueryNeighborsFn(beam.DoFn):
         if end > start:
             index = self._index(work)
             rows = np.arange(start, end, dtype=np.int64)
+            query_k = work.get("query_k", self._top_k)
             if work["search"] == "exact":
                 indices, sims = similarity_search.exact_top_k(
-                    np.asarray(index.vectors[start:end]), index.vectors, self._top_k,
+                    np.asarray(index.vectors[start:end]), index.vectors, query_k,
                     query_rows=rows)
             else:
                 indices, sims = similarity_search.annoy_top_k(
-                    index.annoy, index.vectors, rows, self._top_k,
+                    index.annoy, index.vectors, rows, query_k,
                     candidates=work["candidates"], search_k=work["search_k"])
-            records, flat = neighbor_records(index.product_ids, rows, indices, sims)
+            records, flat = neighbor_records(index.product_ids, rows, indices, sims,
+                                             self._top_k, self._min_similarity,
+                                             index.exclude_keys)
             self._queried.inc(len(records))
+            if self._duplicate_threshold is not None:
+                for pair in flat:
+                    a, b = pair["master_pi"], pair["similar_pi"]
+                    if pair["similarity"] >= self._duplicate_threshold and a < b:
+                        yield beam.pvalue.TaggedOutput(NEAR_DUPLICATES,
+                                                       (a, b, pair["similarity"]))
         shard, n_shards = work["shard"], work["n_shards"]
         files.write_lines(
             files.join(self._output_dir, NEIGHBORS_DIR,
@@ -129,23 +173,29 @@ class QueryNeighborsFn(beam.DoFn):
             (json.dumps(p, ensure_ascii=False) for p in flat))
         yield {"shard": shard, "rows": len(records), "pairs": len(flat),
                "full_lists": sum(1 for r in records
-                                 if len(r["neighbors"]) == min(self._top_k, work["count"] - 1)),
+                                 if len(r["neighbors"]) >= min(self._top_k, work["count"] - 1)),
                "seconds": round(time.time() - started, 3)}
 
 
 class QueryNeighbors(beam.PTransform):
-    """Index description → neighbour shards written; yields one summary per shard."""
+    """Index descriptions → neighbour shards written.
 
-    def __init__(self, output_dir: str, top_k: int):
+    Main output: one summary per shard; ``near_duplicates``: pairs at or above
+    the duplicate threshold.
+    """
+
+    def __init__(self, output_dir: str, top_k: int, min_similarity: float | None = None,
+                 duplicate_threshold: float | None = None):
         super().__init__()
-        self._output_dir = output_dir
-        self._top_k = top_k
+        self._fn = QueryNeighborsFn(output_dir, top_k, min_similarity, duplicate_threshold)
 
-    def expand(self, index):
-        return (index
+    def expand(self, indexes):
+        return (indexes
+                | "AllIndexes" >> beam.combiners.ToList()
                 | "PlanShards" >> beam.FlatMap(plan_shards)
                 | "SpreadShards" >> beam.Reshuffle()
-                | "Query" >> beam.ParDo(QueryNeighborsFn(self._output_dir, self._top_k)))
+                | "Query" >> beam.ParDo(self._fn).with_outputs(NEAR_DUPLICATES,
+                                                               main="shards"))
 
 
 def clear_stale_shards(output_dir: str) -> None:

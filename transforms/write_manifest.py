@@ -23,8 +23,20 @@ class IncompleteRunError(RuntimeError):
     """The run's counts do not add up; no manifest is written."""
 
 
+def index_summary(indexes: list[dict]) -> dict:
+    """The index settings of a run: one entry, or per-partition figures when partitioned."""
+    biggest = max(indexes, key=lambda i: i["count"])
+    summary = {k: biggest[k] for k in ("dim", "metric", "n_trees", "search_k", "candidates",
+                                       "search", "seed")}
+    summary["count"] = sum(i["count"] for i in indexes)
+    if len(indexes) > 1 or indexes[0].get("partition") is not None:
+        summary["partitions"] = {str(i["partition"]): {k: i[k] for k in (
+            "count", "search", "n_trees")} for i in indexes}
+    return summary
+
+
 def build_manifest(settings: dict, input_count: int, embedded: int, failures: list,
-                   index: dict | None, shards: list, started_at: float, reused: int = 0,
+                   index: list | None, shards: list, started_at: float, reused: int = 0,
                    removed: int = 0) -> dict:
     """The manifest document, after checking that no row went missing."""
     by_stage: Counter = Counter()
@@ -38,9 +50,10 @@ def build_manifest(settings: dict, input_count: int, embedded: int, failures: li
             f"{input_count} input rows but {embedded} embedded + {failed} failed; refusing to "
             f"publish an output that lost rows")
     neighbor_rows = sum(s["rows"] for s in shards)
-    if index is not None and (neighbor_rows != embedded or index.get("count") != embedded):
+    indexed = sum(i["count"] for i in index) if index is not None else None
+    if index is not None and (neighbor_rows != embedded or indexed != embedded):
         raise IncompleteRunError(
-            f"{embedded} products embedded but the index holds {index.get('count')} and "
+            f"{embedded} products embedded but the index holds {indexed} and "
             f"{neighbor_rows} neighbour lines were written")
     finished = time.time()
     wall = finished - started_at
@@ -56,8 +69,7 @@ def build_manifest(settings: dict, input_count: int, embedded: int, failures: li
             "failed_by_stage": dict(sorted(by_stage.items())),
             "failed_by_reason": dict(sorted(by_reason.items())),
         },
-        index=None if index is None else {k: index[k] for k in ("dim", "metric", "n_trees", "search_k", "candidates",
-                                     "search", "seed", "count")},
+        index=None if index is None else index_summary(index),
         neighbors={
             "products": neighbor_rows,
             "with_full_list": sum(s["full_lists"] for s in shards),
@@ -68,7 +80,7 @@ def build_manifest(settings: dict, input_count: int, embedded: int, failures: li
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
             "wall_seconds": round(wall, 2),
-            "index_build_seconds": index and index.get("build_seconds"),
+            "index_build_seconds": index and round(sum(i["build_seconds"] for i in index), 3),
             "query_seconds_total": round(sum(s["seconds"] for s in shards), 2),
             "images_per_second": round(embedded / wall, 2) if wall > 0 else None,
         },
@@ -96,8 +108,7 @@ class WriteManifest(beam.PTransform):
 
         def write(_, input_count, embedded, failures, index, shards, reused, removed):
             manifest = build_manifest(settings, input_count, embedded, failures,
-                                      index[0] if index else None, shards, started_at,
-                                      reused, removed)
+                                      index or None, shards, started_at, reused, removed)
             files.write_json(path, manifest)
             yield manifest
 
