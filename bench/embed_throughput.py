@@ -1,0 +1,161 @@
+"""Embedding throughput: the pipeline against the raw model, as a ratio measured in one run.
+
+    python bench/embed_throughput.py [--products ../shared/data/products] [--model efficientnet_lite0]
+                                     [--min_seconds 60] [--workers N]
+
+(a) the model's own ceiling on this machine: pre-decoded tensors, best batch size, best
+    split of the cores (one process with all threads, or one single-threaded process per
+    core running at once), for the TFLite engine and the TensorFlow SavedModel;
+(b) the pipeline end to end, JPEG files → written Parquet features, on DirectRunner with
+    one worker process per core, on the real product photos repeated until the run lasts at
+    least ``--min_seconds``;
+and prints (b) / (a). Target: ≥ 0.8. Ratios hold on a noisy shared machine; absolute
+numbers don't, so compare only figures from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DEFAULT_PRODUCTS = REPO.parent / "shared" / "data" / "products"
+
+
+def _engine(model, engine: str, threads: int):
+    from pipeline.models.registry import load_model, resolve_model
+
+    resolved = resolve_model(model, engine=engine)
+    return resolved, load_model(resolved, threads)
+
+
+def _measure(model: str, engine: str, threads: int, batch: int, seconds: float,
+             start_at: float | None = None, queue=None) -> float:
+    """Images per second of one engine instance on random pre-decoded images."""
+    import numpy as np
+
+    from transforms.embed import configure_tf_threads
+
+    configure_tf_threads(threads)
+    resolved, run = _engine(model, engine, threads)
+    images = np.random.default_rng(0).random(
+        (batch, resolved.input_size, resolved.input_size, 3)).astype(np.float32)
+    run(images)  # warm-up: plan the interpreter / trace the graph
+    if start_at is not None:
+        time.sleep(max(0.0, start_at - time.time()))
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        run(images)
+        done += batch
+    rate = done / (time.perf_counter() - started)
+    if queue is not None:
+        queue.put(rate)
+    return rate
+
+
+def _parallel(model: str, engine: str, processes: int, batch: int, seconds: float) -> float:
+    """Total images per second of ``processes`` single-threaded engines running at once."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    start_at = time.time() + 25.0  # time for every process to load and warm up
+    procs = [ctx.Process(target=_measure, args=(model, engine, 1, batch, seconds, start_at,
+                                                queue)) for _ in range(processes)]
+    for proc in procs:
+        proc.start()
+    rates = [queue.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    return sum(rates)
+
+
+def raw_ceiling(model: str, engine: str, cores: int, seconds: float) -> dict:
+    """Best raw throughput over batch sizes and core splits; returns every measurement."""
+    results = {}
+    for batch in (1, 8, 32):
+        results[f"1 process x {cores} threads, batch {batch}"] = _measure(
+            model, engine, cores, batch, seconds)
+    if cores > 1:
+        for batch in (1, 8, 32):
+            results[f"{cores} processes x 1 thread, batch {batch}"] = _parallel(
+                model, engine, cores, batch, seconds)
+    return results
+
+
+def repeated_manifest(products: Path, directory: str, repeats: int) -> tuple[str, int]:
+    """A manifest listing every product ``repeats`` times under distinct ids."""
+    with open(products / "catalog.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    path = os.path.join(directory, "repeated.csv")
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["product_id", "image"])
+        for r in range(repeats):
+            for row in rows:
+                writer.writerow([f"{row['product_id']}-{r}", str(products / row["image"])])
+    return path, len(rows) * repeats
+
+
+def pipeline_rate(manifest: str, out: str, model: str, engine: str, workers: int) -> dict:
+    """End-to-end images/s of the pipeline (JPEG → Parquet), with and without start-up."""
+    from pipeline.run import run
+
+    started = time.perf_counter()
+    result = run([f"--input={manifest}", f"--output={out}", f"--model={model}",
+                  f"--engine={engine}", "--features_only", f"--direct_num_workers={workers}",
+                  "--direct_running_mode=multi_processing"])
+    wall = time.perf_counter() - started
+    return {"images": result["counts"]["embedded"], "wall_s": wall,
+            "rate": result["counts"]["embedded"] / wall, "engine": result["engine"]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--products", type=Path, default=DEFAULT_PRODUCTS)
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--min_seconds", type=float, default=60.0)
+    parser.add_argument("--raw_seconds", type=float, default=8.0)
+    args = parser.parse_args(argv)
+    if not (args.products / "catalog.csv").exists():
+        print(f"no catalogue at {args.products}; pass --products", file=sys.stderr)
+        return 2
+    cores = args.workers
+    print(f"model {args.model}, {cores} cores\n")
+
+    print("(a) raw model on pre-decoded tensors (images/s)")
+    ceilings = {}
+    for engine in ("tflite", "savedmodel"):
+        results = raw_ceiling(args.model, engine, cores, args.raw_seconds)
+        for config, rate in results.items():
+            print(f"  {engine:10s} {config:36s} {rate:7.1f}")
+        ceilings[engine] = max(results.values())
+    print(f"  ceiling: tflite {ceilings['tflite']:.1f}, savedmodel {ceilings['savedmodel']:.1f} "
+          f"-> TFLite is {ceilings['tflite'] / ceilings['savedmodel']:.2f}x TensorFlow\n")
+
+    best_engine = max(ceilings, key=ceilings.get)
+    repeats = max(1, math.ceil(args.min_seconds * ceilings[best_engine]
+                               / sum(1 for _ in open(args.products / "catalog.csv")) - 1e-9))
+    with tempfile.TemporaryDirectory(prefix="embed-bench-") as tmp:
+        manifest, n = repeated_manifest(args.products, tmp, repeats)
+        print(f"(b) pipeline, JPEG files -> Parquet, DirectRunner x {cores} workers, "
+              f"{n} images ({repeats} x catalogue), engine {best_engine}")
+        result = pipeline_rate(manifest, os.path.join(tmp, "out"), args.model, "auto", cores)
+    print(f"  {result['images']} images in {result['wall_s']:.1f} s = {result['rate']:.1f} "
+          f"images/s (engine {result['engine']}, start-up included)\n")
+    ratio = result["rate"] / ceilings[best_engine]
+    print(f"ratio (b)/(a) = {result['rate']:.1f} / {ceilings[best_engine]:.1f} = {ratio:.2f} "
+          f"(target >= 0.8)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Origin B's script against this pipeline: same model, same images, end to end.
+
+    python bench/origin_b_compare.py [--products ../shared/data/products] [--n 1000]
+                                     [--model efficientnet_lite0] [--workers 2]
+
+Origin B (../shared/docs/origins.md) embeds one image per model call through TF-Hub
+(decode, ``resize_with_pad`` to 224, scale to [0, 1]), saves one text file per vector,
+loads them back into an Annoy index with 10,000 trees, and writes the top-20 of every
+product as one JSON list. This script re-creates that flow faithfully (it is a baseline,
+not product code) and times it, then times ``pipeline.run`` on the same images with the
+same model on DirectRunner with one worker process per core, and prints the speed-up.
+Both timings are taken in this one run, so the ratio holds on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DEFAULT_PRODUCTS = REPO.parent / "shared" / "data" / "products"
+
+
+def origin_b(images: list[str], model_dir: str, work: str, trees: int = 10_000,
+             k: int = 20) -> dict:
+    """Origin B's flow; returns its stage timings."""
+    import tensorflow as tf
+    import tensorflow_hub as hub
+    from annoy import AnnoyIndex
+
+    started = time.perf_counter()
+    module = hub.load(model_dir)
+    vectors_dir = os.path.join(work, "vectors")
+    os.makedirs(vectors_dir)
+    for path in images:  # one image per model call, one text file per vector
+        image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+        image = tf.image.resize_with_pad(image, 224, 224) / 255.0
+        features = np.squeeze(module(image[tf.newaxis, ...]).numpy())
+        # (origin B names these text files .npz, although np.savetxt writes text)
+        np.savetxt(os.path.join(vectors_dir, Path(path).stem + ".npz"), features, delimiter=",")
+    embedded = time.perf_counter()
+
+    files = sorted(glob.glob(os.path.join(vectors_dir, "*.npz")))
+    names = [Path(f).stem for f in files]
+    index = None
+    vectors = []
+    for i, path in enumerate(files):
+        vector = np.loadtxt(path)
+        vectors.append(vector)
+        if index is None:
+            index = AnnoyIndex(len(vector), "angular")
+        index.add_item(i, vector)
+    index.build(trees)
+    pairs = []
+    for i, master in enumerate(vectors):
+        for j in index.get_nns_by_vector(master, k + 1):
+            if j == i:
+                continue
+            neighbor = vectors[j]
+            cosine = float(np.dot(master, neighbor) / np.linalg.norm(master)
+                           / np.linalg.norm(neighbor))
+            pairs.append({"similarity": round(cosine, 4), "master_pi": names[i],
+                          "similar_pi": names[j]})
+    with open(os.path.join(work, "nearest_neighbors.json"), "w") as handle:
+        json.dump(pairs, handle)
+    finished = time.perf_counter()
+    return {"embed_s": embedded - started, "index_s": finished - embedded,
+            "total_s": finished - started}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--products", type=Path, default=DEFAULT_PRODUCTS)
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    if not (args.products / "catalog.csv").exists():
+        print(f"no catalogue at {args.products}; pass --products", file=sys.stderr)
+        return 2
+    from pipeline.models.registry import savedmodel_path
+    from pipeline.run import run
+
+    with open(args.products / "catalog.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))[: args.n]
+    images = [str(args.products / r["image"]) for r in rows]
+    with tempfile.TemporaryDirectory(prefix="origin-b-") as tmp:
+        manifest = os.path.join(tmp, "catalog.csv")
+        with open(manifest, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["product_id", "image"])
+            writer.writerows([r["product_id"], path] for r, path in zip(rows, images))
+        baseline = origin_b(images, savedmodel_path(args.model), tmp)
+        started = time.perf_counter()
+        ours = run([f"--input={manifest}", f"--output={os.path.join(tmp, 'out')}",
+                    f"--model={args.model}", f"--direct_num_workers={args.workers}",
+                    "--direct_running_mode=multi_processing"])
+        ours_s = time.perf_counter() - started
+    n = len(images)
+    print(f"{n} images, model {args.model}")
+    print(f"origin B: {baseline['total_s']:6.1f} s = {n / baseline['total_s']:6.1f} img/s "
+          f"(embedding {baseline['embed_s']:.1f} s, index + neighbours "
+          f"{baseline['index_s']:.1f} s)")
+    print(f"pipeline: {ours_s:6.1f} s = {n / ours_s:6.1f} img/s (engine {ours['engine']}, "
+          f"{args.workers} workers, start-up included)")
+    print(f"speed-up: {baseline['total_s'] / ours_s:.2f}x (target >= 5x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
