@@ -57,6 +57,7 @@ class RunConfig:
     exclude_same: str | None = None  # never pair products sharing a value of this column
     min_similarity: float | None = None  # drop weaker neighbours
     duplicate_threshold: float = 0.97  # near-duplicate groups link at this similarity
+    pca_dim: int = 0  # search in a PCA space of this many dimensions (0: full vectors)
 
 
 def build_graph(p: beam.Pipeline, config: RunConfig):
@@ -99,7 +100,7 @@ def build_graph(p: beam.Pipeline, config: RunConfig):
         index = feature_files | "BuildIndex" >> BuildIndex(
             config.output, config.model.model_id, config.top_k, config.search,
             config.n_trees, config.search_k, config.seed, config.partition_by,
-            config.exclude_same)
+            config.exclude_same, config.pca_dim)
         queried = index | "QueryNeighbors" >> QueryNeighbors(
             config.output, config.top_k, config.min_similarity, config.duplicate_threshold)
         groups = ((features, queried[NEAR_DUPLICATES])

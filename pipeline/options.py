@@ -80,6 +80,10 @@ class SimilarityOptions(PipelineOptions):
         parser.add_argument("--duplicate_threshold", type=float, default=0.97,
                             help="Products this similar (or with identical image bytes) are "
                             "grouped in duplicates/.")
+        parser.add_argument("--pca_dim", type=int, default=0,
+                            help="Search neighbours in a PCA space of this many dimensions, "
+                            "fitted on the run's own vectors (smaller index, often slightly "
+                            "better precision); features/ keep the full vectors. 0 = off.")
         parser.add_argument("--n_trees", type=int, default=0,
                             help="Annoy trees; 0 = chosen from the catalogue size.")
         parser.add_argument("--search_k", type=int, default=0,

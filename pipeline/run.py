@@ -86,6 +86,8 @@ def _validate(opts: SimilarityOptions) -> None:
     if not -1 <= opts.duplicate_threshold <= 1:
         raise UsageError(f"--duplicate_threshold must be within [-1, 1], got "
                          f"{opts.duplicate_threshold}")
+    if opts.pca_dim < 0:
+        raise UsageError(f"--pca_dim must be 0 (off) or positive, got {opts.pca_dim}")
     if opts.keep_runs < 1:
         raise UsageError(f"--keep_runs must be at least 1, got {opts.keep_runs}")
     if opts.run_id is not None and (not opts.run_id or "/" in opts.run_id
@@ -154,6 +156,7 @@ def make_config(options: PipelineOptions) -> RunConfig:
         "exclude_same": opts.exclude_same,
         "min_similarity": opts.min_similarity,
         "duplicate_threshold": opts.duplicate_threshold,
+        "pca_dim": opts.pca_dim or None,
         "runner": options.view_as(StandardOptions).runner or "DirectRunner",
         "workers": workers,
         "versions": library_versions(),
@@ -167,7 +170,7 @@ def make_config(options: PipelineOptions) -> RunConfig:
                      partition_by=carried_column(catalog, opts.partition_by, "--partition_by"),
                      exclude_same=carried_column(catalog, opts.exclude_same, "--exclude_same"),
                      min_similarity=opts.min_similarity,
-                     duplicate_threshold=opts.duplicate_threshold)
+                     duplicate_threshold=opts.duplicate_threshold, pca_dim=opts.pca_dim)
 
 
 def summarize(manifest: dict) -> str:

@@ -87,3 +87,19 @@ def test_unknown_partition_column_is_refused_at_start(catalog, tiny_model, tmp_p
     with pytest.raises(UsageError, match="--partition_by=colour"):
         _run(catalog, tmp_path, tiny_model, "--partition_by=colour")
     assert not os.path.exists(tmp_path / "runs")
+
+
+def test_pca_search_space_keeps_full_features(catalog, tiny_model, tmp_path):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    manifest = _run(catalog, tmp_path, tiny_model, "--pca_dim=8")
+    run_dir = manifest["run_dir"]
+    assert np.load(f"{run_dir}/index/vectors.npy").shape[1] == 8
+    assert np.load(f"{run_dir}/index/pca_components.npy").shape == (24, 8)
+    features = pq.read_table(glob.glob(f"{run_dir}/features/*.parquet"))
+    assert len(features.column("embedding")[0]) == 24  # full vectors kept
+    family = _families(catalog)
+    hits = [family[r["neighbors"][0]["product_id"]] == family[r["product_id"]]
+            for r in _jsonl(f"{run_dir}/neighbors/*.jsonl")]
+    assert sum(hits) / len(hits) >= 0.9

@@ -36,6 +36,31 @@ VECTORS_FILE = "vectors.npy"
 IDS_FILE = "ids.parquet"
 META_FILE = "meta.json"
 PARTITIONS_FILE = "partitions.json"
+PCA_MEAN_FILE = "pca_mean.npy"
+PCA_COMPONENTS_FILE = "pca_components.npy"
+# Rows sampled to fit the PCA: plenty for a 1280 x 1280 covariance, bounded memory.
+PCA_FIT_ROWS = 100_000
+
+
+def fit_pca(vectors: np.ndarray, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and top-``dim`` principal axes ([D], [D, dim]) of the run's own vectors."""
+    rng = np.random.default_rng(seed)
+    sample = vectors if len(vectors) <= PCA_FIT_ROWS else vectors[
+        np.sort(rng.choice(len(vectors), PCA_FIT_ROWS, replace=False))]
+    mean = sample.mean(axis=0, dtype=np.float64)
+    centered = sample.astype(np.float64) - mean
+    eigenvalues, eigenvectors = np.linalg.eigh(centered.T @ centered)
+    top = eigenvectors[:, np.argsort(eigenvalues)[::-1][:dim]]
+    # Fix each axis' sign so the projection is reproducible run to run.
+    top *= np.where(top[np.abs(top).argmax(axis=0), np.arange(dim)] < 0, -1.0, 1.0)
+    return mean.astype(np.float32), top.astype(np.float32)
+
+
+def project(vectors: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """Vectors in the PCA space, L2-normalised again (cosine stays the similarity)."""
+    reduced = (vectors - mean) @ components
+    norms = np.linalg.norm(reduced, axis=1, keepdims=True)
+    return (reduced / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def partition_slug(value) -> str:
@@ -63,11 +88,12 @@ class SplitPartitionsFn(beam.DoFn):
     """All feature shard paths → per-partition vectors and id maps; yields one item each."""
 
     def __init__(self, output_dir: str, model_id: str, partition_column: str | None,
-                 exclude_column: str | None):
+                 exclude_column: str | None, pca_dim: int = 0):
         self._output_dir = output_dir
         self._model_id = model_id
         self._partition_column = partition_column
         self._exclude_column = exclude_column
+        self._pca_dim = pca_dim
 
     def process(self, feature_paths):
         started = time.time()
@@ -92,6 +118,15 @@ class SplitPartitionsFn(beam.DoFn):
         flat = table.column("embedding").combine_chunks().flatten().to_numpy(
             zero_copy_only=False).astype(np.float32, copy=False)
         vectors = flat.reshape(len(ids), flat.size // len(ids))
+        if 0 < self._pca_dim < vectors.shape[1]:
+            # Search in a smaller space fitted on this run's vectors; features/ keep
+            # the full vectors.
+            mean, components = fit_pca(vectors, self._pca_dim)
+            with tempfile.TemporaryDirectory(prefix="similarity-pca-") as local:
+                for name, array in ((PCA_MEAN_FILE, mean), (PCA_COMPONENTS_FILE, components)):
+                    np.save(os.path.join(local, name), array, allow_pickle=False)
+                    files.upload_file(os.path.join(local, name), files.join(index_root, name))
+            vectors = project(vectors, mean, components)
         partitions = (table.column(self._partition_column).to_pylist()
                       if self._partition_column else [None] * len(ids))
         excludes = (table.column(self._exclude_column).to_pylist()
@@ -192,9 +227,11 @@ class BuildIndex(beam.PTransform):
 
     def __init__(self, output_dir: str, model_id: str, top_k: int, search: str = "auto",
                  n_trees: int = 0, search_k: int = 0, seed: int = 42,
-                 partition_column: str | None = None, exclude_column: str | None = None):
+                 partition_column: str | None = None, exclude_column: str | None = None,
+                 pca_dim: int = 0):
         super().__init__()
-        self._split = SplitPartitionsFn(output_dir, model_id, partition_column, exclude_column)
+        self._split = SplitPartitionsFn(output_dir, model_id, partition_column, exclude_column,
+                                        pca_dim)
         self._build = BuildAnnoyFn(top_k, search, n_trees, search_k, seed)
 
     def expand(self, feature_paths):
