@@ -84,6 +84,10 @@ class SimilarityOptions(PipelineOptions):
                             help="Search neighbours in a PCA space of this many dimensions, "
                             "fitted on the run's own vectors (smaller index, often slightly "
                             "better precision); features/ keep the full vectors. 0 = off.")
+        parser.add_argument("--eval_label_column", default=None,
+                            help="A manifest column of labels (e.g. articleType): the run ends "
+                            "by writing evaluation.json with precision@10 by that label, "
+                            "recall against exact search and coverage.")
         parser.add_argument("--n_trees", type=int, default=0,
                             help="Annoy trees; 0 = chosen from the catalogue size.")
         parser.add_argument("--search_k", type=int, default=0,

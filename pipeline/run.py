@@ -27,7 +27,7 @@ from transforms.build_index import INDEX_DIR
 from transforms.duplicate_groups import DUPLICATES_DIR
 from transforms.fetch import FetchConfig
 from transforms.query_neighbors import clear_stale_shards
-from transforms.read_catalog import CatalogError, inspect_catalog
+from transforms.read_catalog import CatalogError, inspect_catalog, manifest_kind
 from transforms.write_features import FEATURES_DIR
 from transforms.write_manifest import MANIFEST_FILE
 
@@ -86,6 +86,8 @@ def _validate(opts: SimilarityOptions) -> None:
     if not -1 <= opts.duplicate_threshold <= 1:
         raise UsageError(f"--duplicate_threshold must be within [-1, 1], got "
                          f"{opts.duplicate_threshold}")
+    if opts.eval_label_column and manifest_kind(opts.input) is None:
+        raise UsageError("--eval_label_column needs a manifest with labels, not an image glob")
     if opts.pca_dim < 0:
         raise UsageError(f"--pca_dim must be 0 (off) or positive, got {opts.pca_dim}")
     if opts.keep_runs < 1:
@@ -129,6 +131,7 @@ def make_config(options: PipelineOptions) -> RunConfig:
     started_at = time.time()
     catalog = inspect_catalog(opts.input, opts.id_column, opts.image_column)
     model = resolve_model(opts.model, cache_dir=opts.model_cache_dir, engine=opts.engine)
+    carried_column(catalog, opts.eval_label_column, "--eval_label_column")
     run_id = opts.run_id or publish.new_run_id()
     previous, reuse_note = previous_run_for(opts.output, model.model_id, opts.full_rebuild)
     workers = worker_count(options)
@@ -201,6 +204,17 @@ def summarize(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def evaluate_published_run(run_dir: str, opts: SimilarityOptions) -> dict:
+    """Write the run's evaluation.json, with precision by the manifest's label column."""
+    from pipeline.evaluate import EVALUATION_FILE, evaluate_run, read_labels
+
+    labels = read_labels(opts.input, opts.eval_label_column, opts.id_column, opts.image_column)
+    result = evaluate_run(run_dir, labels)
+    result["label_column"] = opts.eval_label_column
+    files.write_json(files.join(run_dir, EVALUATION_FILE), result)
+    return result
+
+
 def run(argv=None, test_pipeline=None) -> dict:
     """Run the job with command-line ``argv``; returns the written manifest.
 
@@ -217,6 +231,8 @@ def run(argv=None, test_pipeline=None) -> dict:
     build_graph(pipeline, config)
     result = pipeline.run()
     result.wait_until_finish()
+    if opts.eval_label_column and not opts.features_only:
+        evaluate_published_run(config.output, opts)
     publish.publish(opts.output, config.settings["run_id"])
     publish.prune_runs(opts.output, opts.keep_runs, config.settings["run_id"],
                        config.started_at)

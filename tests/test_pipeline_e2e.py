@@ -180,3 +180,13 @@ def test_features_only_run_stops_after_features(catalog, tiny_model, tmp_path):
     assert "neighbors" not in manifest and "index" not in manifest
     assert len(_features(manifest["run_dir"])) == len(FAMILIES) * 3
     assert not os.path.exists(os.path.join(manifest["run_dir"], "neighbors"))
+
+
+def test_run_evaluates_itself_when_labels_are_given(catalog, tiny_model, tmp_path):
+    manifest = _run(catalog, tmp_path / "e", tiny_model, "--eval_label_column=family")
+    evaluation = json.load(open(os.path.join(manifest["run_dir"], "evaluation.json")))
+    assert evaluation["label_column"] == "family"
+    assert evaluation["products"] == len(FAMILIES) * 3
+    # On a catalogue this small the published lists are the exact ones.
+    assert evaluation["precision@10_exact"] == evaluation["precision@10_published"]
+    assert evaluation["recall@5"] == 1.0 and evaluation["coverage"] == 1.0
