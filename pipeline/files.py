@@ -16,6 +16,17 @@ import uuid
 from apache_beam.io.filesystems import FileSystems
 
 
+def _default_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+# The mode a plainly created file gets; temporary files are created 0600, so they are
+# set to this before being renamed into place (outputs are read by other users/tools).
+_FILE_MODE = _default_file_mode()
+
+
 def is_local(path: str) -> bool:
     """Whether ``path`` is on the local filesystem (no URL scheme)."""
     return "://" not in path
@@ -41,6 +52,7 @@ def write_bytes(path: str, data: bytes) -> None:
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
+            os.chmod(tmp, _FILE_MODE)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

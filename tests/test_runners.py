@@ -31,3 +31,4 @@ def test_dataflow_launcher_ships_the_project_and_requires_its_settings(capsys):
         dataflow_args(["--project=p"])
     assert dataflow_main(["--project=p"]) == 2
     assert capsys.readouterr().err.startswith("error: Dataflow needs --region")
+
