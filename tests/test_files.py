@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-
-
 from pipeline import files
 
 
