@@ -19,16 +19,17 @@ class SimilarityOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
+        # Not argparse-required: Beam parses every registered options class whenever
+        # any PipelineOptions is read, so a required flag would break unrelated
+        # pipelines in the same process. pipeline.run checks both are given.
         parser.add_argument(
             "--input",
-            required=True,
             help="The catalogue: a file glob of images (product_id = file stem; local or any "
             "Beam FileSystems path such as gs://bucket/images/*.jpg) or a manifest "
             "(.csv, .jsonl or .parquet) with a product id and an image column.",
         )
         parser.add_argument(
             "--output",
-            required=True,
             help="Output root (local or FileSystems path): each run writes "
             "ROOT/runs/<run_id>/ and, once verified, ROOT/LATEST points to it.",
         )

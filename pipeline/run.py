@@ -77,6 +77,11 @@ def prepare_output(output: str) -> None:
 
 
 def _validate(opts: SimilarityOptions) -> None:
+    missing = [flag for flag, value in (("--input", opts.input), ("--output", opts.output))
+               if not value]
+    if missing:
+        raise UsageError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                         f"required (see --help)")
     if opts.top_k < 1:
         raise UsageError(f"--top_k must be at least 1, got {opts.top_k}")
     if opts.batch_size < 1:

@@ -190,3 +190,8 @@ def test_run_evaluates_itself_when_labels_are_given(catalog, tiny_model, tmp_pat
     # On a catalogue this small the published lists are the exact ones.
     assert evaluation["precision@10_exact"] == evaluation["precision@10_published"]
     assert evaluation["recall@5"] == 1.0 and evaluation["coverage"] == 1.0
+
+
+def test_missing_input_or_output_is_one_sentence(capsys):
+    assert main(["--output=/tmp/x"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --input is required (see --help)"

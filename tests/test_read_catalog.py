@@ -51,6 +51,16 @@ def test_csv_with_non_utf8_bytes_marks_only_that_row(tmp_path):
     assert "invalid" not in rows[2]
 
 
+def test_csv_line_with_wrong_cell_count_is_one_marked_row(tmp_path):
+    manifest = tmp_path / "catalog.csv"
+    manifest.write_text("product_id,image,colour\na,a.jpg,red\nb,b.jpg,dark, red\nc,c.jpg,blue\n")
+    _, rows = rows_of(manifest)
+    assert [r["product_id"] for r in rows if "invalid" not in r] == ["a", "c"]
+    [bad] = [r for r in rows if "invalid" in r]
+    reason, message = bad["invalid"]
+    assert reason == "malformed_csv_row" and "line 3" in message and "4 cells" in message
+
+
 def test_custom_column_names_and_missing_values(tmp_path):
     manifest = tmp_path / "catalog.csv"
     manifest.write_text("sku,url\nA,a.jpg\n,b.jpg\nC,\n")

@@ -270,19 +270,29 @@ class ReadManifestRowsFn(beam.DoFn):
 
     def _csv_rows(self, path: str):
         # Cells are read as bytes and decoded per row, so one row with broken
-        # encoding becomes one error row instead of failing the whole file.
+        # encoding becomes one error row instead of failing the whole file; a
+        # line with the wrong number of cells is likewise one error row.
         with FileSystems.open(path) as handle:
             names = _csv_header(handle.read(1 << 20))
+        malformed: list = []
+
+        def skip_malformed(row) -> str:
+            malformed.append(row)
+            return "skip"
+
         with FileSystems.open(path) as handle:
             reader = pacsv.open_csv(
                 pa.PythonFile(handle, mode="r"),
                 read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES, use_threads=False),
+                parse_options=pacsv.ParseOptions(invalid_row_handler=skip_malformed),
                 convert_options=pacsv.ConvertOptions(
                     column_types={n: pa.binary() for n in names},
                     strings_can_be_null=False, quoted_strings_can_be_null=False),
             )
             for batch in reader:
+                yield from _malformed_rows(malformed, len(names))
                 yield from batch.to_pylist()
+            yield from _malformed_rows(malformed, len(names))
 
     def _jsonl_rows(self, path: str):
         with FileSystems.open(path) as handle:
@@ -304,6 +314,17 @@ class ReadManifestRowsFn(beam.DoFn):
             parquet = pq.ParquetFile(pa.PythonFile(handle, mode="r"))
             for batch in parquet.iter_batches(batch_size=10_000):
                 yield from batch.to_pylist()
+
+
+def _malformed_rows(malformed: list, expected: int):
+    """Turn the CSV lines pyarrow skipped into (reason, message) rows, and forget them."""
+    while malformed:
+        row = malformed.pop(0)
+        where = f"line {row.number}" if row.number is not None else "a line"
+        text = row.text if len(row.text) <= 200 else row.text[:200] + "…"
+        yield ("malformed_csv_row",
+               f"manifest {where} has {row.actual_columns} cells where the header has "
+               f"{expected} (unquoted comma?): {text!r}")
 
 
 def _glob_row(metadata) -> dict:
