@@ -104,6 +104,9 @@ class SimilarityOptions(PipelineOptions):
                             help="Concurrent reads/downloads per worker.")
         parser.add_argument("--fetch_timeout", type=float, default=30.0,
                             help="Read timeout in seconds for one image download.")
+        parser.add_argument("--fetch_total_timeout", type=float, default=60.0,
+                            help="Longest time in seconds one image download may take in "
+                            "all (a host trickling bytes is cut off).")
         parser.add_argument("--fetch_retries", type=int, default=3,
                             help="Retries for connection errors, 429 and 5xx responses.")
         parser.add_argument("--fetch_user_agent", default="visual-similarity-pipeline/0.1",

@@ -141,7 +141,9 @@ def make_config(options: PipelineOptions) -> RunConfig:
     previous, reuse_note = previous_run_for(opts.output, model.model_id, opts.full_rebuild)
     workers = worker_count(options)
     threads = opts.model_threads or max(1, (os.cpu_count() or 1) // workers)
-    fetch = FetchConfig(read_timeout=opts.fetch_timeout, max_retries=opts.fetch_retries,
+    fetch = FetchConfig(read_timeout=opts.fetch_timeout,
+                        total_timeout=max(opts.fetch_total_timeout, opts.fetch_timeout),
+                        max_retries=opts.fetch_retries,
                         max_bytes=opts.max_image_bytes, user_agent=opts.fetch_user_agent,
                         allow_private_hosts=opts.allow_private_hosts,
                         concurrency=opts.fetch_concurrency)
