@@ -186,7 +186,9 @@ class BuildAnnoyFn(beam.DoFn):
     def process(self, part: dict):
         started = time.time()
         n, dim = part["count"], part["dim"]
-        search = similarity_search.choose_search(n, self._search)
+        search = similarity_search.choose_search(
+            n, self._search, similarity_search.exact_max_n_for(dim) if dim else
+            similarity_search.EXACT_MAX_N)
         n_trees = self._n_trees or (similarity_search.default_n_trees(n, dim) if n else 0)
         query_k = self._top_k + part["max_exclude_group"] - 1
         candidates = similarity_search.default_candidates(query_k)
