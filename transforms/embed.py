@@ -84,8 +84,9 @@ class EmbedBatchFn(beam.DoFn):
         self._batch_size = Metrics.distribution(METRICS_NAMESPACE, "embed_batch_size")
 
     def setup(self):
-        configure_tf_threads(self._threads)
         info = self._model_info
+        if info.engine == "savedmodel":  # the TFLite engine never starts TensorFlow
+            configure_tf_threads(self._threads)
         holder = self._shared.acquire(lambda: _ModelHolder(load_model(info, self._threads)),
                                       tag=info.model_id)
         self._model = holder.model
