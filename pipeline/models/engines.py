@@ -10,6 +10,7 @@ the same call: float32 [B, S, S, 3] images in [0, 1] → float32 [B, D] features
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -18,6 +19,7 @@ from pipeline.models import cache
 
 ENGINES = ("auto", "tflite", "savedmodel")
 TFLITE_FILE = "model.tflite"
+VERIFIED_FILE = "verified.json"
 # Bump when the conversion changes, so older cached conversions are not reused.
 TFLITE_CONVERSION_VERSION = 1
 # Minimum cosine between TFLite and SavedModel embeddings on the probe batch.
@@ -85,13 +87,48 @@ def _convert(savedmodel_dir: str, target_dir: str) -> None:
         handle.write(data)
 
 
+def _tflite_entry(model_id: str) -> str:
+    safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id)
+    return f"tflite-{safe_id}-c{TFLITE_CONVERSION_VERSION}"
+
+
 def ensure_tflite(savedmodel_dir: str, model_id: str, cache_dir: str | None = None) -> str:
     """Path of the model's cached float32 ``.tflite`` conversion (converted on first use)."""
-    safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id)
-    name = f"tflite-{safe_id}-c{TFLITE_CONVERSION_VERSION}"
-    directory = cache.ensure_cached_dir(name, lambda tmp: _convert(savedmodel_dir, tmp),
+    directory = cache.ensure_cached_dir(_tflite_entry(model_id),
+                                        lambda tmp: _convert(savedmodel_dir, tmp),
                                         root=cache_dir)
     return os.path.join(directory, TFLITE_FILE)
+
+
+def verified_tflite(model_id: str, cache_dir: str | None = None) -> str | None:
+    """The cached ``.tflite`` of ``model_id`` if an earlier run verified it, else None.
+
+    Lets a run start without loading TensorFlow and the SavedModel at all.
+    """
+    path = os.path.join(cache.cache_root(cache_dir), _tflite_entry(model_id), TFLITE_FILE)
+    try:
+        with open(os.path.join(os.path.dirname(path), VERIFIED_FILE)) as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if record.get("model_id") != model_id or record.get("min_cosine", 0) < MIN_PROBE_COSINE:
+        return None
+    return path if os.path.exists(path) else None
+
+
+def record_verification(tflite_path: str, model_id: str, cosine: float) -> None:
+    """Remember that this conversion matched the SavedModel on the probe batch."""
+    from pipeline import files
+
+    files.write_json(os.path.join(os.path.dirname(tflite_path), VERIFIED_FILE),
+                     {"model_id": model_id, "min_cosine": cosine})
+
+
+def tflite_shapes(engine: "TfliteEngine") -> tuple[int, int]:
+    """(input size, output dimension) a TFLite model declares."""
+    input_shape = engine._input["shape"]
+    output_shape = engine._output["shape"]
+    return int(input_shape[1]), int(output_shape[-1])
 
 
 def probe_images(size: int, count: int = 4) -> np.ndarray:

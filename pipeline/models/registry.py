@@ -183,7 +183,8 @@ def _choose_engine(requested: str, model, local_dir: str, model_id: str, size: i
         return "savedmodel"
     probe = engines.probe_images(size)
     try:
-        tflite = engines.TfliteEngine(engines.ensure_tflite(local_dir, model_id, cache_dir))
+        tflite_path = engines.ensure_tflite(local_dir, model_id, cache_dir)
+        tflite = engines.TfliteEngine(tflite_path)
         cosine = engines.min_cosine(tflite(probe), engines.SavedModelEngine(model)(probe))
     except Exception as exc:  # noqa: BLE001 - any conversion failure means "use TF"
         if requested == "tflite":
@@ -200,6 +201,7 @@ def _choose_engine(requested: str, model, local_dir: str, model_id: str, size: i
             "TFLite conversion of %s disagrees (cosine %.4f); running the SavedModel",
             model_id, cosine)
         return "savedmodel"
+    engines.record_verification(tflite_path, model_id, cosine)
     return "tflite"
 
 
@@ -211,6 +213,15 @@ def resolve_model(name_or_handle: str, cache_dir: str | None = None,
     if engine not in engines.ENGINES:
         raise ModelLoadError(f"--engine must be one of {engines.ENGINES}, got {engine!r}")
     spec = MODELS.get(name_or_handle)
+    if spec is not None and spec.offline and engine != "savedmodel":
+        # Fast start: an earlier run converted and verified this exact model.
+        model_id = f"{spec.name}@{_offline_digest(spec)[:12]}"
+        verified = engines.verified_tflite(model_id, cache_dir)
+        if verified is not None:
+            size, dim = engines.tflite_shapes(engines.TfliteEngine(verified))
+            return ResolvedModel(name=spec.name, handle="", model_id=model_id,
+                                 input_size=size, dim=dim, cache_dir=cache_dir,
+                                 engine="tflite")
     if spec is not None and spec.offline:
         name, handle = spec.name, ""
         model = _load_by_name(name, handle, cache_dir)
