@@ -28,7 +28,6 @@ import glob
 import hashlib
 import io
 import json
-import os
 import socket
 import struct
 import zlib

@@ -20,7 +20,8 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
-from transforms.errors import ERRORS, METRICS_NAMESPACE, STAGE_DECODE, RowError, error_record
+from transforms.errors import (ERRORS, METRICS_NAMESPACE, STAGE_DECODE, RowError, count_failure,
+                              error_record)
 
 # A cut-off download must be reported, never silently decoded with a grey
 # bottom half, so truncated files always raise in this process.
@@ -315,14 +316,13 @@ class DecodeImageFn(beam.DoFn):
         self._size = size
         self._max_pixels = max_pixels
         self._decoded = Metrics.counter(METRICS_NAMESPACE, "decoded")
-        self._failed: dict[str, object] = {}
 
     def process(self, row: dict) -> Iterator:
         """Decode one row; emit it on the main output or its error on ERRORS."""
         try:
             decoded = decode_image(row.get("data") or b"", self._size, self._max_pixels)
         except DecodeError as exc:
-            self._failure_counter(exc.reason).inc()
+            count_failure(STAGE_DECODE, exc.reason)
             yield pvalue.TaggedOutput(ERRORS, error_record(row, STAGE_DECODE, exc.reason, exc.message))
             return
         self._decoded.inc()
@@ -331,10 +331,3 @@ class DecodeImageFn(beam.DoFn):
         out["width"] = decoded.width
         out["height"] = decoded.height
         yield out
-
-    def _failure_counter(self, reason: str):
-        counter = self._failed.get(reason)
-        if counter is None:
-            counter = Metrics.counter(METRICS_NAMESPACE, f"decode_failed_{reason}")
-            self._failed[reason] = counter
-        return counter

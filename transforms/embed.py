@@ -18,7 +18,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from pipeline.models.registry import ResolvedModel, load_model
-from transforms.errors import ERRORS, METRICS_NAMESPACE, STAGE_EMBED, error_record
+from transforms.errors import ERRORS, METRICS_NAMESPACE, STAGE_EMBED, count_failure, error_record
 
 
 class _ModelHolder:
@@ -110,7 +110,7 @@ class EmbedBatchFn(beam.DoFn):
             for row in batch:
                 single, exc = self._embed_rows([row])
                 if exc is not None:
-                    Metrics.counter(METRICS_NAMESPACE, "embed_failed_model_error").inc()
+                    count_failure(STAGE_EMBED, "model_error")
                     yield pvalue.TaggedOutput(ERRORS, error_record(
                         row, STAGE_EMBED, "model_error",
                         f"the model failed on this image: {type(exc).__name__}: {exc}"))
@@ -121,7 +121,7 @@ class EmbedBatchFn(beam.DoFn):
         normalized, usable = normalize_rows(np.stack([v for _, v in results]))
         for (row, _), vector, ok in zip(results, normalized, usable):
             if not ok:
-                Metrics.counter(METRICS_NAMESPACE, "embed_failed_bad_vector").inc()
+                count_failure(STAGE_EMBED, "bad_vector")
                 yield pvalue.TaggedOutput(ERRORS, error_record(
                     row, STAGE_EMBED, "bad_vector",
                     "the model returned a zero or non-finite vector for this image"))

@@ -36,6 +36,13 @@ class RowError(Exception):
         self.message = message
 
 
+def count_failure(stage: str, reason: str, amount: int = 1) -> None:
+    """Count a failed row in Beam metrics as ``<stage>_failed_<reason>``."""
+    from apache_beam.metrics import Metrics
+
+    Metrics.counter(METRICS_NAMESPACE, f"{stage}_failed_{reason}").inc(amount)
+
+
 def error_record(row: Mapping[str, Any], stage: str, reason: str, message: str) -> dict:
     """Build the dead-letter record for ``row`` that failed in ``stage``.
 

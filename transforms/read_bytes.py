@@ -23,7 +23,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.errors import ERRORS, METRICS_NAMESPACE, STAGE_READ, RowError, error_record
+from transforms.errors import (ERRORS, METRICS_NAMESPACE, STAGE_READ, RowError, count_failure,
+                              error_record)
 from transforms.fetch import FetchConfig, HttpFetcher
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
@@ -125,7 +126,6 @@ class ReadImageBytesFn(beam.DoFn):
         self._bytes_read = Metrics.counter(METRICS_NAMESPACE, "bytes_read")
         self._retried = Metrics.counter(METRICS_NAMESPACE, "retried")
         self._fetch_ms = Metrics.distribution(METRICS_NAMESPACE, "fetch_ms")
-        self._failed: dict[str, Any] = {}
 
     def setup(self):
         """Create the pooled HTTP session and the thread pool once per instance."""
@@ -175,7 +175,7 @@ class ReadImageBytesFn(beam.DoFn):
         if outcome.reason is None:
             self._fetched.inc()
         else:
-            self._failure_counter(outcome.reason).inc()
+            count_failure(STAGE_READ, outcome.reason)
         for output in outcome.outputs:
             if isinstance(output, pvalue.TaggedOutput):
                 yield pvalue.TaggedOutput(output.tag, WindowedValue(output.value, timestamp, (window,)))
@@ -226,13 +226,6 @@ class ReadImageBytesFn(beam.DoFn):
         if out["unchanged"]:
             out["data"] = None  # the previous embedding is reused: no need to keep the bytes
         return _Outcome([out], None, len(data), retries, _ms_since(started))
-
-    def _failure_counter(self, reason: str):
-        counter = self._failed.get(reason)
-        if counter is None:
-            counter = Metrics.counter(METRICS_NAMESPACE, f"read_failed_{reason}")
-            self._failed[reason] = counter
-        return counter
 
 
 def _ms_since(started: float) -> int:

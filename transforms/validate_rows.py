@@ -6,7 +6,7 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
-from transforms.errors import ERRORS, METRICS_NAMESPACE, STAGE_READ, error_record
+from transforms.errors import ERRORS, METRICS_NAMESPACE, STAGE_READ, count_failure, error_record
 
 
 class SplitInvalidRowsFn(beam.DoFn):
@@ -26,5 +26,5 @@ class SplitInvalidRowsFn(beam.DoFn):
             yield row
             return
         reason, message = invalid
-        Metrics.counter(METRICS_NAMESPACE, f"read_failed_{reason}").inc()
+        count_failure(STAGE_READ, reason)
         yield pvalue.TaggedOutput(ERRORS, error_record(row, STAGE_READ, reason, message))
