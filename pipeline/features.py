@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +21,7 @@ class FeatureMatrix:
     product_ids: list[str]
     vectors: np.ndarray  # float32 [N, D], L2-normalised
     model_id: str | None
+    columns: dict = field(default_factory=dict)  # other requested columns, row-aligned
 
     @property
     def count(self) -> int:
@@ -38,13 +39,15 @@ def _read_table(path: str, columns: list[str]) -> pa.Table:
         return pq.read_table(pa.PythonFile(handle, mode="r"), columns=columns)
 
 
-def read_feature_matrix(paths: list[str]) -> FeatureMatrix:
-    """Load ids and embeddings from feature shards, sorted by product id.
+def read_feature_matrix(paths: list[str], extra_columns=()) -> FeatureMatrix:
+    """Load ids and embeddings (and ``extra_columns``) from feature shards, sorted by id.
 
     Refuses shards whose rows come from more than one model, and duplicate ids,
     because either would make the neighbours meaningless.
     """
-    tables = [_read_table(p, ["product_id", "embedding", "model"]) for p in paths]
+    wanted = ["product_id", "embedding", "model"]
+    wanted += [c for c in dict.fromkeys(extra_columns) if c not in wanted]
+    tables = [_read_table(p, wanted) for p in paths]
     tables = [t for t in tables if t.num_rows]
     if not tables:
         return FeatureMatrix([], np.zeros((0, 0), dtype=np.float32), None)
@@ -66,4 +69,6 @@ def read_feature_matrix(paths: list[str]) -> FeatureMatrix:
     duplicates = sorted({a for a, b in zip(ids_sorted, ids_sorted[1:]) if a == b})
     if duplicates:
         raise ValueError(f"duplicate product ids in features: {duplicates[:10]}")
-    return FeatureMatrix(ids_sorted, np.ascontiguousarray(vectors[order]), models[0])
+    columns = {name: [values[i] for i in order] for name in extra_columns
+               for values in [table.column(name).to_pylist()]}
+    return FeatureMatrix(ids_sorted, np.ascontiguousarray(vectors[order]), models[0], columns)

@@ -25,10 +25,9 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 
 from pipeline import files, similarity_search
-from pipeline.features import MixedModelsError
+from pipeline.features import MixedModelsError, read_feature_matrix
 
 INDEX_DIR = "index"
 ANNOY_FILE = "annoy.ann"
@@ -70,11 +69,6 @@ def partition_slug(value) -> str:
     return f"{readable}-{hashlib.sha1(text.encode('utf-8')).hexdigest()[:8]}"
 
 
-def _read_columns(path: str, columns: list[str]) -> pa.Table:
-    with FileSystems.open(path) as handle:
-        return pq.read_table(pa.PythonFile(handle, mode="r"), columns=columns)
-
-
 def _max_group(keys: list) -> int:
     """Largest number of rows sharing one non-null key (1 when keys are unique or None)."""
     counts: dict = {}
@@ -97,27 +91,18 @@ class SplitPartitionsFn(beam.DoFn):
 
     def process(self, feature_paths):
         started = time.time()
-        columns = ["product_id", "embedding", "model"]
-        for extra in (self._partition_column, self._exclude_column):
-            if extra and extra not in columns:
-                columns.append(extra)
-        tables = [_read_columns(p, columns) for p in sorted(feature_paths)]
-        tables = [t for t in tables if t.num_rows]
-        table = pa.concat_tables(tables) if tables else None
+        extra = [c for c in (self._partition_column, self._exclude_column) if c]
+        matrix = read_feature_matrix(sorted(feature_paths), extra)
         index_root = files.join(self._output_dir, INDEX_DIR)
-        if table is None:
+        if matrix.count == 0:
             yield self._write_partition(index_root, None, [], np.zeros((0, 0), np.float32),
                                         [], started)
             return
-        models = sorted(set(table.column("model").to_pylist()))
-        if models != [self._model_id]:
+        if matrix.model_id != self._model_id:
             raise MixedModelsError(
-                f"features come from {', '.join(models)}; this run's model is "
+                f"features come from {matrix.model_id}; this run's model is "
                 f"{self._model_id} — one index needs one model")
-        ids = table.column("product_id").to_pylist()
-        flat = table.column("embedding").combine_chunks().flatten().to_numpy(
-            zero_copy_only=False).astype(np.float32, copy=False)
-        vectors = flat.reshape(len(ids), flat.size // len(ids))
+        ids, vectors = matrix.product_ids, matrix.vectors
         if 0 < self._pca_dim < vectors.shape[1]:
             # Search in a smaller space fitted on this run's vectors; features/ keep
             # the full vectors.
@@ -127,23 +112,22 @@ class SplitPartitionsFn(beam.DoFn):
                     np.save(os.path.join(local, name), array, allow_pickle=False)
                     files.upload_file(os.path.join(local, name), files.join(index_root, name))
             vectors = project(vectors, mean, components)
-        partitions = (table.column(self._partition_column).to_pylist()
-                      if self._partition_column else [None] * len(ids))
-        excludes = (table.column(self._exclude_column).to_pylist()
-                    if self._exclude_column else [None] * len(ids))
-        order = sorted(range(len(ids)), key=lambda i: ids[i])
+        partitions = matrix.columns.get(self._partition_column, [None] * len(ids))
+        excludes = matrix.columns.get(self._exclude_column, [None] * len(ids))
         groups: dict = {}
-        for i in order:
-            key = partitions[i] if self._partition_column else None
+        for i, key in enumerate(partitions):  # rows are sorted by product id already
             groups.setdefault("" if key is None else str(key), []).append(i)
         descriptions = []
         for value in sorted(groups):
             rows = groups[value]
             directory = (files.join(index_root, partition_slug(value))
                          if self._partition_column else index_root)
+            whole = len(rows) == len(ids)  # one partition: no copy of a matrix of millions
             descriptions.append(self._write_partition(
                 directory, value if self._partition_column else None,
-                [ids[i] for i in rows], vectors[rows], [excludes[i] for i in rows], started))
+                ids if whole else [ids[i] for i in rows],
+                vectors if whole else vectors[rows],
+                excludes if whole else [excludes[i] for i in rows], started))
         if self._partition_column:
             files.write_json(files.join(index_root, PARTITIONS_FILE), {
                 "partition_by": self._partition_column,
