@@ -195,10 +195,13 @@ def summarize(manifest: dict) -> str:
     ]
     for reason, count in counts["failed_by_reason"].items():
         lines.append(f"    {count} × {reason}")
-    out = manifest["output"]
+    if counts.get("reused") or counts.get("removed"):
+        lines.append(f"  reused from the previous run: {counts['reused']}   newly embedded: "
+                     f"{counts['newly_embedded']}   removed: {counts['removed']}")
     if "neighbors" in manifest:
         lines.append(f"  neighbours: {manifest['neighbors']['products']} products, top "
                      f"{manifest['top_k']} ({manifest['index']['search']} search)")
+    out = manifest["run_dir"]
     lines += [
         f"Outputs in {out}:",
         f"  {files.join(out, 'neighbors')}/  per-product top-{manifest['top_k']} JSONL",
@@ -206,7 +209,7 @@ def summarize(manifest: dict) -> str:
         f"  {files.join(out, FEATURES_DIR)}/  embeddings (Parquet)",
         f"  {files.join(out, ERRORS_DIR)}/  one line per failed row",
         f"  {files.join(out, MANIFEST_FILE)}",
-        f"Published as {files.join(manifest['output'], publish.LATEST)}",
+        f"Published: {files.join(manifest['output'], publish.LATEST)} now points to this run",
     ]
     return "\n".join(lines)
 

@@ -195,3 +195,13 @@ def test_run_evaluates_itself_when_labels_are_given(catalog, tiny_model, tmp_pat
 def test_missing_input_or_output_is_one_sentence(capsys):
     assert main(["--output=/tmp/x"]) == 2
     assert capsys.readouterr().err.strip() == "error: --input is required (see --help)"
+
+
+def test_summary_points_at_the_run_and_its_counts(first_run):
+    from pipeline.run import summarize
+
+    run_dir, manifest = first_run
+    text = summarize(manifest)
+    assert f"Outputs in {run_dir}:" in text
+    assert "input rows: 21   embedded: 18   failed: 3" in text
+    assert "LATEST now points to this run" in text
