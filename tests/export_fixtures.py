@@ -17,6 +17,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.models.registry import ResolvedModel
+from transforms.read_catalog import CatalogInfo
+from transforms.write_features import features_schema
+
 MODEL = "test/tiny-features@1"
 AWKWARD_IDS = ["sku\twith\ttabs", 'quote"d', "back\\slash", "ümlaut-é-日本", "comma,semi;"]
 
@@ -76,15 +80,10 @@ def write_run(path: str, count: int = 30, dim: int = 8, top_k: int = 5, seed: in
     for sub in ("features", "neighbors", "index"):
         os.makedirs(os.path.join(path, sub), exist_ok=True)
     bounds = np.linspace(0, count, shards + 1).astype(int)
-    schema = pa.schema([
-        pa.field("product_id", pa.string(), nullable=False),
-        pa.field("image", pa.string()),
-        pa.field("embedding", pa.list_(pa.float32()), nullable=False),
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("sha256", pa.string()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-    ], metadata={"embedding_dim": str(dim), "model": MODEL})
+    # The pipeline's own features schema, so the fixture follows the contract.
+    schema = features_schema(
+        ResolvedModel(name=MODEL, handle="", model_id=MODEL, input_size=224, dim=dim),
+        CatalogInfo(input="catalog.csv", kind="csv"))
     for shard in range(shards):
         lo, hi = bounds[shard], bounds[shard + 1]
         part = ids[lo:hi]
@@ -96,6 +95,8 @@ def write_run(path: str, count: int = 30, dim: int = 8, top_k: int = 5, seed: in
             "sha256": ["0" * 64] * len(part),
             "width": pa.array([32] * len(part), pa.int32()),
             "height": pa.array([24] * len(part), pa.int32()),
+            "etag": [None] * len(part),
+            "last_modified": [None] * len(part),
         }, schema=schema)
         name = f"{shard:05d}-of-{shards:05d}"
         pq.write_table(table, os.path.join(path, "features", f"features-{name}.parquet"))
