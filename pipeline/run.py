@@ -20,6 +20,7 @@ from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions
                                                   StandardOptions)
 
 from pipeline import files, publish
+from pipeline.local_runner import is_direct, runner_for
 from pipeline.graph import ERRORS_DIR, RunConfig, build_graph
 from pipeline.models.registry import ModelLoadError, resolve_model
 from pipeline.options import SimilarityOptions
@@ -54,7 +55,7 @@ def worker_count(options: PipelineOptions) -> int:
     """How many worker processes share this machine (1 unless DirectRunner multi-processing)."""
     direct = options.view_as(DirectOptions)
     if (direct.direct_running_mode == "multi_processing"
-            and options.view_as(StandardOptions).runner in (None, "DirectRunner")):
+            and is_direct(options)):
         return max(1, direct.direct_num_workers or os.cpu_count() or 1)
     return 1
 
@@ -237,7 +238,8 @@ def run(argv=None, test_pipeline=None) -> dict:
     config = make_config(options)
     prepare_output(config.output)
     publish.mark_incomplete(config.output, config.settings["run_id"])
-    pipeline = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
+    pipeline = (test_pipeline if test_pipeline is not None
+                else beam.Pipeline(runner=runner_for(options), options=options))
     build_graph(pipeline, config)
     result = pipeline.run()
     result.wait_until_finish()
