@@ -15,7 +15,9 @@ import apache_beam as beam
 
 from pipeline import files
 from pipeline.models.registry import ResolvedModel
+from transforms import count_rows
 from transforms.build_index import BuildIndex
+from transforms.count_rows import CountRows
 from transforms.decode import DecodeImageFn
 from transforms.deduplicate import REMOVED, DeduplicateProductIds
 from transforms.embed import EmbedImages
@@ -109,16 +111,12 @@ def build_graph(p: beam.Pipeline, config: RunConfig):
         shards = queried.shards | "AfterDuplicates" >> beam.Map(
             lambda s, _groups: s, _groups=beam.pvalue.AsList(groups))
 
-    input_count = rows | "CountInput" >> beam.combiners.Count.Globally()
-    embedded_count = features | "CountEmbedded" >> beam.combiners.Count.Globally()
-    reuse_counts = ((changed[REUSED] | "CountReused" >> beam.combiners.Count.Globally()),
-                    (unique[REMOVED] | "CountRemoved" >> beam.combiners.Count.Globally()))
-    failures = (errors
-                | "FailureKey" >> beam.Map(lambda e: (e["stage"], e["reason"]))
-                | "CountFailures" >> beam.combiners.Count.PerElement())
+    counts = {count_rows.INPUT: rows, count_rows.EMBEDDED: features,
+              count_rows.REUSED: changed[REUSED], count_rows.REMOVED: unique[REMOVED],
+              count_rows.FAILED: errors} | "CountRows" >> CountRows()
     # The errors files must be final before the manifest says the run is complete.
     shards_after_errors = shards | "AfterErrors" >> beam.Map(
         lambda s, _files: s, _files=beam.pvalue.AsList(error_files))
-    return ((input_count, embedded_count, failures, index, shards_after_errors, *reuse_counts)
+    return ((counts, index, shards_after_errors)
             | "WriteManifest" >> WriteManifest(config.output, config.settings,
                                                config.started_at))

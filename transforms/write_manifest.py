@@ -15,6 +15,7 @@ from collections import Counter
 import apache_beam as beam
 
 from pipeline import files
+from transforms.count_rows import EMBEDDED, INPUT, REMOVED, REUSED, RunCounts
 
 MANIFEST_FILE = "manifest.json"
 
@@ -35,10 +36,11 @@ def index_summary(indexes: list[dict]) -> dict:
     return summary
 
 
-def build_manifest(settings: dict, input_count: int, embedded: int, failures: list,
-                   index: list | None, shards: list, started_at: float, reused: int = 0,
-                   removed: int = 0) -> dict:
+def build_manifest(settings: dict, counts: RunCounts, index: list | None, shards: list,
+                   started_at: float) -> dict:
     """The manifest document, after checking that no row went missing."""
+    input_count, embedded = counts[INPUT], counts[EMBEDDED]
+    reused, removed, failures = counts[REUSED], counts[REMOVED], counts.failures()
     by_stage: Counter = Counter()
     by_reason: Counter = Counter()
     for (stage, reason), count in failures:
@@ -103,23 +105,20 @@ class WriteManifest(beam.PTransform):
         self._started_at = started_at
 
     def expand(self, inputs):
-        input_count, embedded, failures, index, shards, reused, removed = inputs
+        """``(counts, index, shards)``: the output of ``CountRows``, index and shard records."""
+        counts, index, shards = inputs
         path, settings, started_at = self._path, self._settings, self._started_at
 
-        def write(_, input_count, embedded, failures, index, shards, reused, removed):
-            manifest = build_manifest(settings, input_count, embedded, failures,
-                                      index or None, shards, started_at, reused, removed)
+        def write(_, counts, index, shards):
+            manifest = build_manifest(settings, RunCounts(counts), index or None, shards,
+                                      started_at)
             files.write_json(path, manifest)
             yield manifest
 
-        return (input_count.pipeline
+        return (counts.pipeline
                 | "Once" >> beam.Create([None])
                 | "Write" >> beam.FlatMap(
                     write,
-                    input_count=beam.pvalue.AsSingleton(input_count),
-                    embedded=beam.pvalue.AsSingleton(embedded),
-                    failures=beam.pvalue.AsList(failures),
+                    counts=beam.pvalue.AsList(counts),
                     index=beam.pvalue.AsList(index),
-                    shards=beam.pvalue.AsList(shards),
-                    reused=beam.pvalue.AsSingleton(reused),
-                    removed=beam.pvalue.AsSingleton(removed)))
+                    shards=beam.pvalue.AsList(shards)))
