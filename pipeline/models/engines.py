@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import numpy as np
 
@@ -65,16 +66,21 @@ class TfliteEngine:
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
         self._batch = None
+        # One interpreter per process is shared by every DoFn instance in it,
+        # and an interpreter must not run two calls at once.
+        self._lock = threading.Lock()
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = np.ascontiguousarray(images, dtype=np.float32)
-        if images.shape[0] != self._batch:
-            self._interpreter.resize_tensor_input(self._input["index"], list(images.shape))
-            self._interpreter.allocate_tensors()
-            self._batch = images.shape[0]
-        self._interpreter.set_tensor(self._input["index"], images)
-        self._interpreter.invoke()
-        return np.array(self._interpreter.get_tensor(self._output["index"]), dtype=np.float32)
+        with self._lock:
+            if images.shape[0] != self._batch:
+                self._interpreter.resize_tensor_input(self._input["index"], list(images.shape))
+                self._interpreter.allocate_tensors()
+                self._batch = images.shape[0]
+            self._interpreter.set_tensor(self._input["index"], images)
+            self._interpreter.invoke()
+            return np.array(self._interpreter.get_tensor(self._output["index"]),
+                            dtype=np.float32)
 
 
 def _convert(savedmodel_dir: str, target_dir: str) -> None:
