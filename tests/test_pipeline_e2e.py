@@ -205,3 +205,20 @@ def test_summary_points_at_the_run_and_its_counts(first_run):
     assert f"Outputs in {run_dir}:" in text
     assert "input rows: 21   embedded: 18   failed: 3" in text
     assert "LATEST now points to this run" in text
+
+
+def test_direct_runs_never_try_to_download_prism(catalog, tiny_model, tmp_path, monkeypatch):
+    # Beam's DirectRunner would first try Prism, which downloads a binary from GitHub:
+    # a nightly job on an offline machine must not depend on (or wait for) that.
+    from apache_beam.runners.portability import prism_runner
+
+    started = []
+
+    def refuse(self, *args, **kwargs):
+        started.append(True)
+        raise RuntimeError("no network here")
+
+    monkeypatch.setattr(prism_runner.PrismRunner, "run_pipeline", refuse)
+    manifest = _run(catalog, tmp_path / "out", tiny_model, "--runner=DirectRunner")
+    assert manifest["counts"]["embedded"] == len(FAMILIES) * 3
+    assert started == []
