@@ -6,9 +6,10 @@
 (a) the model's own ceiling on this machine: pre-decoded tensors, best batch size, best
     split of the cores (one process with all threads, or one single-threaded process per
     core running at once), for the TFLite engine and the TensorFlow SavedModel;
-(b) the pipeline end to end, JPEG files → written Parquet features, on DirectRunner with
-    one worker process per core, on the real product photos repeated until the run lasts at
-    least ``--min_seconds``;
+(b) the pipeline end to end, JPEG files → written Parquet features, on DirectRunner set up
+    as ``runners.direct`` sets it up (one worker process per core; one in-memory process on
+    two cores or fewer; ``--pipeline_workers`` overrides), on the real product photos
+    repeated until the run lasts at least ``--min_seconds``;
 and prints (b) / (a). Target: ≥ 0.8. Ratios hold on a noisy shared machine; absolute
 numbers don't, so compare only figures from the same run.
 """
@@ -107,11 +108,11 @@ def repeated_manifest(products: Path, directory: str, repeats: int) -> tuple[str
 def pipeline_rate(manifest: str, out: str, model: str, engine: str, workers: int) -> dict:
     """End-to-end images/s of the pipeline (JPEG → Parquet), with and without start-up."""
     from pipeline.run import run
+    from runners.direct import direct_args
 
     started = time.perf_counter()
-    result = run([f"--input={manifest}", f"--output={out}", f"--model={model}",
-                  f"--engine={engine}", "--features_only", f"--direct_num_workers={workers}",
-                  "--direct_running_mode=multi_processing"])
+    result = run(direct_args([f"--input={manifest}", f"--output={out}", f"--model={model}",
+                              f"--engine={engine}", "--features_only", f"--workers={workers}"]))
     wall = time.perf_counter() - started
     return {"images": result["counts"]["embedded"], "wall_s": wall,
             "rate": result["counts"]["embedded"] / wall, "engine": result["engine"]}
@@ -122,6 +123,8 @@ def main(argv=None) -> int:
     parser.add_argument("--products", type=Path, default=DEFAULT_PRODUCTS)
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--pipeline_workers", type=int, default=0,
+                        help="worker processes for (b); 0 = as runners.direct chooses")
     parser.add_argument("--min_seconds", type=float, default=60.0)
     parser.add_argument("--raw_seconds", type=float, default=8.0)
     args = parser.parse_args(argv)
@@ -149,10 +152,14 @@ def main(argv=None) -> int:
         tiny = os.path.join(tmp, "tiny.csv")
         with open(manifest) as src, open(tiny, "w") as dst:
             dst.writelines(line for i, line in enumerate(src) if i <= 2 * cores)
-        print(f"(b) pipeline, JPEG files -> Parquet, DirectRunner x {cores} workers, "
+        from runners.direct import default_workers
+
+        workers = args.pipeline_workers or default_workers(cores)
+        mode = "1 in-memory process" if workers == 1 else f"{workers} worker processes"
+        print(f"(b) pipeline, JPEG files -> Parquet, DirectRunner, {mode}, "
               f"{n} images ({repeats} x catalogue), engine {best_engine}")
-        startup = pipeline_rate(tiny, os.path.join(tmp, "tiny-out"), args.model, "auto", cores)
-        result = pipeline_rate(manifest, os.path.join(tmp, "out"), args.model, "auto", cores)
+        startup = pipeline_rate(tiny, os.path.join(tmp, "tiny-out"), args.model, "auto", workers)
+        result = pipeline_rate(manifest, os.path.join(tmp, "out"), args.model, "auto", workers)
     steady = result["images"] / (result["wall_s"] - startup["wall_s"])
     print(f"  {result['images']} images in {result['wall_s']:.1f} s = {result['rate']:.1f} "
           f"images/s (engine {result['engine']}, start-up included)")

@@ -17,7 +17,6 @@ from pipeline import files
 from pipeline.models.registry import ResolvedModel
 from transforms import count_rows
 from transforms.build_index import BuildIndex
-from transforms.count_rows import CountRows
 from transforms.decode import DecodeImageFn
 from transforms.deduplicate import REMOVED, DeduplicateProductIds
 from transforms.embed import EmbedImages
@@ -113,7 +112,7 @@ def build_graph(p: beam.Pipeline, config: RunConfig):
 
     counts = {count_rows.INPUT: rows, count_rows.EMBEDDED: features,
               count_rows.REUSED: changed[REUSED], count_rows.REMOVED: unique[REMOVED],
-              count_rows.FAILED: errors} | "CountRows" >> CountRows()
+              count_rows.FAILED: errors} | "CountRows" >> count_rows.CountRows()
     # The errors files must be final before the manifest says the run is complete.
     shards_after_errors = shards | "AfterErrors" >> beam.Map(
         lambda s, _files: s, _files=beam.pvalue.AsList(error_files))
