@@ -7,9 +7,9 @@
     split of the cores (one process with all threads, or one single-threaded process per
     core running at once), for the TFLite engine and the TensorFlow SavedModel;
 (b) the pipeline end to end, JPEG files → written Parquet features, on DirectRunner set up
-    as ``runners.direct`` sets it up (one worker process per core; one in-memory process on
-    two cores or fewer; ``--pipeline_workers`` overrides), on the real product photos
-    repeated until the run lasts at least ``--min_seconds``;
+    as ``runners.direct`` sets it up (one worker process per core; ``--pipeline_workers=1``
+    for one in-memory process), on the real product photos repeated until the run lasts at
+    least ``--min_seconds``;
 and prints (b) / (a). Target: ≥ 0.8. Ratios hold on a noisy shared machine; absolute
 numbers don't, so compare only figures from the same run.
 """
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--pipeline_workers", type=int, default=0,
-                        help="worker processes for (b); 0 = as runners.direct chooses")
+                        help="worker processes for (b); 0 = one per core, as runners.direct")
     parser.add_argument("--min_seconds", type=float, default=60.0)
     parser.add_argument("--raw_seconds", type=float, default=8.0)
     args = parser.parse_args(argv)
@@ -152,9 +152,7 @@ def main(argv=None) -> int:
         tiny = os.path.join(tmp, "tiny.csv")
         with open(manifest) as src, open(tiny, "w") as dst:
             dst.writelines(line for i, line in enumerate(src) if i <= 2 * cores)
-        from runners.direct import default_workers
-
-        workers = args.pipeline_workers or default_workers(cores)
+        workers = args.pipeline_workers or cores
         mode = "1 in-memory process" if workers == 1 else f"{workers} worker processes"
         print(f"(b) pipeline, JPEG files -> Parquet, DirectRunner, {mode}, "
               f"{n} images ({repeats} x catalogue), engine {best_engine}")

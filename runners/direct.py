@@ -4,11 +4,12 @@
 
 DirectRunner's multi-processing mode runs bundles in separate worker
 processes, each loading the model once, which is what a distributed runner
-does and what scales with cores. On a machine of two cores or fewer, one
-in-memory process whose model runs on every core is as fast on a big catalogue
-and faster on a small one, because it skips starting workers and shipping every
-stage's data to them (measured with ``bench/origin_b_compare.py`` and a 14,295-image
-run: see README), so that is the default there; ``--workers=N`` overrides it.
+does and what scales with cores: one worker process per core is the default.
+``--workers=1`` runs one in-memory process whose model uses every core instead;
+it skips starting workers and shipping every stage's data to them, so a small
+catalogue finishes sooner (1,000 images on 2 cores: 7.3 s against 9.2 s), while
+on big ones worker processes stay slightly ahead (14,295 images: 183.5 against
+186.7 images/s in the same run).
 """
 
 from __future__ import annotations
@@ -20,19 +21,10 @@ import sys
 from pipeline.run import main as run_main
 
 
-# Up to this many cores, one in-memory process beats one worker process per core.
-IN_MEMORY_MAX_CORES = 2
-
-
-def default_workers(cores: int) -> int:
-    """Worker processes for a machine of ``cores`` cores (1 means in-memory, all cores)."""
-    return 1 if cores <= IN_MEMORY_MAX_CORES else cores
-
-
 def direct_args(argv: list[str]) -> list[str]:
     """Pipeline arguments for DirectRunner on all cores; user options win."""
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--workers", type=int, default=default_workers(os.cpu_count() or 1))
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     known, rest = parser.parse_known_args(argv)
     workers = max(1, known.workers)
     mode = "in_memory" if workers == 1 else "multi_processing"

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from runners.dataflow import SETUP_FILE, DataflowUsageError, dataflow_args, main as dataflow_main
-from runners.direct import default_workers, direct_args
+from runners.direct import direct_args
 
 
 def test_direct_launcher_uses_worker_processes_and_lets_user_options_win():
@@ -17,7 +17,6 @@ def test_direct_launcher_uses_worker_processes_and_lets_user_options_win():
     assert args[-2:] == ["--input=x", "--output=y"]
     one = direct_args(["--input=x", "--workers=1"])
     assert "--direct_running_mode=in_memory" in one and "--direct_num_workers=1" in one
-    assert default_workers(2) == 1 and default_workers(16) == 16
 
     mine = direct_args(["--direct_running_mode=in_memory", "--input=x"])
     assert "--direct_running_mode=multi_processing" not in mine
