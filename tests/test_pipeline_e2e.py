@@ -87,6 +87,18 @@ def test_features_follow_the_contract(first_run, tiny_model):
     assert manifest["model"].startswith(os.path.basename(tiny_model))
 
 
+def test_feature_files_are_compressed_without_a_dictionary_on_vectors(first_run):
+    # A dictionary of float vectors never pays off and makes every later read slower.
+    out, _ = first_run
+    meta = pq.ParquetFile(sorted(glob.glob(f"{out}/features/*.parquet"))[0]).metadata
+    columns = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i)
+               for i in range(meta.num_columns)}
+    embedding = next(c for path, c in columns.items() if path.startswith("embedding"))
+    assert embedding.compression == "SNAPPY"
+    assert not any("DICTIONARY" in e for e in embedding.encodings)
+    assert any("DICTIONARY" in e for e in columns["product_id"].encodings)
+
+
 def test_neighbors_agree_with_exact_cosine(first_run):
     out, _ = first_run
     features = _features(out)
