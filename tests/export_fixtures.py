@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,3 +134,52 @@ def write_run(path: str, count: int = 30, dim: int = 8, top_k: int = 5, seed: in
         with open(os.path.join(path, "manifest.json"), "w") as handle:
             json.dump(manifest, handle)
     return FakeRun(path, ids, vectors, neighbors, MODEL, top_k)
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def assert_reload_is_atomic_under_a_reader(tmp_path, load, connect, db_error) -> FakeRun:
+    """Reload new, old, new runs while another connection counts neighbour rows in a loop.
+
+    ``load(run_path)`` loads a run and returns the exit code; ``connect()`` opens a
+    reader connection; ``db_error`` is the driver's error class. The reader must only
+    ever see the old run's 3,000 rows or the new run's 1,200 — never a missing, empty
+    or half-loaded table. Returns the new run, for store-specific checks.
+    """
+    old = write_run(str(tmp_path / "old"), count=300, top_k=10, seed=1)
+    new = write_run(str(tmp_path / "new"), count=120, top_k=10, seed=2, prefix="n")
+    assert load(old.path) == 0
+    seen, errors, stop = [], [], threading.Event()
+
+    def reader():
+        conn = connect()
+        try:
+            while not stop.is_set():
+                try:
+                    seen.append(conn.execute("SELECT count(*) FROM product_neighbors"
+                                             ).fetchone()[0])
+                except db_error as exc:
+                    errors.append(exc)
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        wait_for(lambda: seen)  # the reader is reading before the first swap
+        for run in (new, old, new):
+            assert load(run.path) == 0
+        wait_for(lambda: seen and seen[-1] == 1200)
+    finally:
+        stop.set()
+        thread.join()
+
+    assert errors == []
+    assert set(seen) <= {3000, 1200}, "a reader saw a missing, empty or half-loaded table"
+    assert {3000, 1200} <= set(seen) and len(seen) > 20
+    return new

@@ -9,21 +9,13 @@ that refused or failed loads leave the live tables untouched.
 
 from __future__ import annotations
 
-import threading
-import time
 
 import numpy as np
 import psycopg
 
 from pipeline.export import main
-from tests.export_fixtures import write_run
+from tests.export_fixtures import assert_reload_is_atomic_under_a_reader, write_run
 from tests.pg_server import postgres_db, postgres_dsn  # noqa: F401 (fixtures)
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.001)
 
 
 def load(run_path: str, dsn: str, *extra: str) -> int:
@@ -104,34 +96,9 @@ def test_reload_is_idempotent(tmp_path, postgres_db):
 
 
 def test_reload_swaps_atomically_under_a_concurrent_reader(tmp_path, postgres_db):
-    old = write_run(str(tmp_path / "old"), count=300, top_k=10, seed=1)
-    new = write_run(str(tmp_path / "new"), count=120, top_k=10, seed=2, prefix="n")
-    assert load(old.path, postgres_db) == 0
-    seen, errors, stop = [], [], threading.Event()
-
-    def reader():
-        with psycopg.connect(postgres_db, autocommit=True) as conn:
-            while not stop.is_set():
-                try:
-                    seen.append(conn.execute("SELECT count(*) FROM product_neighbors"
-                                             ).fetchone()[0])
-                except psycopg.Error as exc:
-                    errors.append(exc)
-
-    thread = threading.Thread(target=reader)
-    thread.start()
-    try:
-        wait_for(lambda: seen)  # the reader is reading before the first swap
-        for run in (new, old, new):
-            assert load(run.path, postgres_db) == 0
-        wait_for(lambda: seen and seen[-1] == 1200)
-    finally:
-        stop.set()
-        thread.join()
-
-    assert errors == []
-    assert set(seen) <= {3000, 1200}, "a reader saw a missing, empty or half-loaded table"
-    assert {3000, 1200} <= set(seen) and len(seen) > 20
+    new = assert_reload_is_atomic_under_a_reader(
+        tmp_path, lambda path: load(path, postgres_db),
+        lambda: psycopg.connect(postgres_db, autocommit=True), psycopg.Error)
     assert sorted(neighbor_table(postgres_db)) == sorted(new.ids)  # nothing of old is left
 
 

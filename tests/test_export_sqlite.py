@@ -5,19 +5,11 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import threading
-import time
 
 import numpy as np
 
 from pipeline.export import main
-from tests.export_fixtures import write_run
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.001)
+from tests.export_fixtures import assert_reload_is_atomic_under_a_reader, write_run
 
 
 def load(run_path: str, db: str, *extra: str) -> int:
@@ -87,37 +79,9 @@ def test_reload_is_idempotent_and_replaces_everything(tmp_path):
 
 def test_reload_swaps_atomically_under_a_concurrent_reader(tmp_path):
     db = str(tmp_path / "similar.db")
-    old = write_run(str(tmp_path / "old"), count=300, top_k=10, seed=1)
-    new = write_run(str(tmp_path / "new"), count=120, top_k=10, seed=2, prefix="n")
-    assert load(old.path, db) == 0
-    seen, errors, stop = [], [], threading.Event()
-
-    def reader():
-        conn = sqlite3.connect(db, timeout=30)
-        try:
-            while not stop.is_set():
-                try:
-                    seen.append(conn.execute("SELECT count(*) FROM product_neighbors"
-                                             ).fetchone()[0])
-                except sqlite3.Error as exc:
-                    errors.append(exc)
-        finally:
-            conn.close()
-
-    thread = threading.Thread(target=reader)
-    thread.start()
-    try:
-        wait_for(lambda: seen)  # the reader is reading before the first swap
-        for run in (new, old, new):
-            assert load(run.path, db) == 0
-        wait_for(lambda: seen and seen[-1] == 1200)
-    finally:
-        stop.set()
-        thread.join()
-
-    assert errors == []
-    assert set(seen) <= {3000, 1200}, "a reader saw a missing, empty or half-loaded table"
-    assert {3000, 1200} <= set(seen) and len(seen) > 20
+    new = assert_reload_is_atomic_under_a_reader(
+        tmp_path, lambda path: load(path, db), lambda: sqlite3.connect(db, timeout=30),
+        sqlite3.Error)
     assert sorted(neighbor_table(db)) == sorted(new.ids)
 
 
