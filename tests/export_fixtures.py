@@ -183,3 +183,13 @@ def assert_reload_is_atomic_under_a_reader(tmp_path, load, connect, db_error) ->
     assert set(seen) <= {3000, 1200}, "a reader saw a missing, empty or half-loaded table"
     assert {3000, 1200} <= set(seen) and len(seen) > 20
     return new
+
+
+def neighbor_lists(conn, table: str = "product_neighbors") -> dict[str, list]:
+    """{product_id: [(rank, neighbor_id, similarity), …]} read through an open DB-API connection."""
+    rows = conn.execute(f"SELECT product_id, rank, neighbor_id, similarity FROM {table} "
+                        f"ORDER BY product_id, rank").fetchall()
+    out: dict[str, list] = {}
+    for product_id, rank, neighbor_id, similarity in rows:
+        out.setdefault(product_id, []).append((rank, neighbor_id, similarity))
+    return out

@@ -14,7 +14,8 @@ import numpy as np
 import psycopg
 
 from pipeline.export import main
-from tests.export_fixtures import assert_reload_is_atomic_under_a_reader, write_run
+from tests.export_fixtures import (assert_reload_is_atomic_under_a_reader, neighbor_lists,
+                                   write_run)
 from tests.pg_server import postgres_db, postgres_dsn  # noqa: F401 (fixtures)
 
 
@@ -24,12 +25,7 @@ def load(run_path: str, dsn: str, *extra: str) -> int:
 
 def neighbor_table(dsn: str, table: str = "product_neighbors") -> dict[str, list]:
     with psycopg.connect(dsn) as conn:
-        rows = conn.execute(f"SELECT product_id, rank, neighbor_id, similarity FROM {table} "
-                            f"ORDER BY product_id, rank").fetchall()
-    out: dict[str, list] = {}
-    for product_id, rank, neighbor_id, similarity in rows:
-        out.setdefault(product_id, []).append((rank, neighbor_id, similarity))
-    return out
+        return neighbor_lists(conn, table)
 
 
 def test_load_publishes_every_list_with_ranks_in_similarity_order(tmp_path, postgres_db):

@@ -9,7 +9,8 @@ import sqlite3
 import numpy as np
 
 from pipeline.export import main
-from tests.export_fixtures import assert_reload_is_atomic_under_a_reader, write_run
+from tests.export_fixtures import (assert_reload_is_atomic_under_a_reader, neighbor_lists,
+                                   write_run)
 
 
 def load(run_path: str, db: str, *extra: str) -> int:
@@ -18,12 +19,7 @@ def load(run_path: str, db: str, *extra: str) -> int:
 
 def neighbor_table(db: str, table: str = "product_neighbors") -> dict[str, list]:
     with sqlite3.connect(db) as conn:
-        rows = conn.execute(f"SELECT product_id, rank, neighbor_id, similarity FROM {table} "
-                            f"ORDER BY product_id, rank").fetchall()
-    out: dict[str, list] = {}
-    for product_id, rank, neighbor_id, similarity in rows:
-        out.setdefault(product_id, []).append((rank, neighbor_id, similarity))
-    return out
+        return neighbor_lists(conn, table)
 
 
 def test_load_publishes_every_list_with_ranks_in_similarity_order(tmp_path):
