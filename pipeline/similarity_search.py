@@ -37,6 +37,9 @@ _BYTES_PER_TILE_ENTRY = 4.125
 # Columns per group in the top-k selection (see _tile_top_k); 128 measured
 # fastest of 32/64/128 for np.maximum.reduceat on a 256 x 100k tile.
 _SELECT_GROUP = 128
+# A tile narrower than this many groups per wanted neighbour (a small
+# catalogue) uses narrower groups: the threshold shortcut needs groups >> k.
+_MIN_GROUPS_PER_K = 4
 # Query rows per tile when the vector axis has to be split; big enough for
 # the BLAS kernel to run near peak, small enough to keep tiles square-ish.
 _MIN_TILE_QUERIES = 256
@@ -480,29 +483,32 @@ def _tile_top_k(sims: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
     group's max, one vectorised pass. The kk-th largest group max ``t`` is a
     lower bound on the row's kk-th largest value, so every top-kk entry
     (ties included) is >= t and lies in a group whose max is >= t. Only those
-    few groups are gathered and sorted, ties broken by column.
+    few groups are gathered and sorted, ties broken by column. Narrow tiles
+    (small catalogues) use narrower groups, so there are still several times
+    more groups than ``kk`` and the shortcut still applies.
     """
     n_rows, n_cols = sims.shape
-    n_full = n_cols // _SELECT_GROUP
-    if kk >= n_cols or n_full <= kk:
+    group = min(_SELECT_GROUP, max(1, n_cols // (_MIN_GROUPS_PER_K * max(kk, 1))))
+    n_full = n_cols // group
+    if kk >= n_cols or n_full <= kk or group < 2:
         cols = np.broadcast_to(np.arange(n_cols, dtype=np.int64), sims.shape)
         return _merge_top_k(cols, sims, kk)
-    split = n_full * _SELECT_GROUP
+    split = n_full * group
     # A view, not a copy: only the last axis is split.
-    groups = sims[:, :split].reshape(n_rows, n_full, _SELECT_GROUP)
+    groups = sims[:, :split].reshape(n_rows, n_full, group)
     # reduceat measured ~2x faster than groups.max(axis=2); it also covers
     # the short last group.
-    group_max = np.maximum.reduceat(sims, np.arange(0, n_cols, _SELECT_GROUP), axis=1)
+    group_max = np.maximum.reduceat(sims, np.arange(0, n_cols, group), axis=1)
     n_groups = group_max.shape[1]
     threshold = np.partition(group_max, n_groups - kk, axis=1)[:, n_groups - kk]
     r, g = np.nonzero(group_max >= threshold[:, None])
 
     full = g < n_full
     rows_parts, cols_parts = [], []
-    gathered = groups[r[full], g[full]]  # [m, _SELECT_GROUP]
+    gathered = groups[r[full], g[full]]  # [m, group]
     i, j = np.nonzero(gathered >= threshold[r[full]][:, None])
     rows_parts.append(r[full][i])
-    cols_parts.append(g[full][i] * _SELECT_GROUP + j)
+    cols_parts.append(g[full][i] * group + j)
     tail_rows = r[~full]
     if len(tail_rows):
         i, j = np.nonzero(sims[tail_rows, split:] >= threshold[tail_rows][:, None])
