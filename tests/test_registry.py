@@ -30,6 +30,21 @@ def test_tflite_engine_matches_the_savedmodel(tiny_model):
     assert cosine.min() > 0.999
 
 
+
+@pytest.mark.parametrize("engine", ["tflite", "savedmodel"])
+def test_embedding_uint8_pixels_equals_embedding_their_unit_floats(tiny_model, engine):
+    model = load_model(resolve_model(tiny_model, engine=engine))
+    rng = np.random.default_rng(2)
+    pixels = [rng.integers(0, 256, (TINY_SIZE, TINY_SIZE, 3), dtype=np.uint8) for _ in range(3)]
+    floats = np.stack(pixels).astype(np.float32) / 255.0
+    np.testing.assert_allclose(model.embed_pixels(pixels), model(floats), rtol=1e-5, atol=1e-6)
+    # A different batch size afterwards re-plans the interpreter, same answers.
+    np.testing.assert_allclose(model.embed_pixels(pixels[:1]), model(floats[:1]),
+                               rtol=1e-5, atol=1e-6)
+    if engine == "tflite":  # it writes into a fixed-shape input tensor
+        with pytest.raises(ValueError, match="shape"):
+            model.embed_pixels([np.zeros((TINY_SIZE + 1, TINY_SIZE, 3), np.uint8)])
+
 def test_model_id_names_the_weights(tiny_model, tmp_path):
     first = resolve_model(tiny_model)
     assert first.model_id == resolve_model(tiny_model).model_id

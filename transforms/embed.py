@@ -91,12 +91,9 @@ class EmbedBatchFn(beam.DoFn):
                                       tag=info.model_id)
         self._model = holder.model
 
-    def _pixels(self, rows: list[dict]) -> np.ndarray:
-        return np.stack([r["pixels"] for r in rows]).astype(np.float32) * np.float32(1 / 255.0)
-
     def _embed_rows(self, rows: list[dict]):
         try:
-            return self._model(self._pixels(rows)), None
+            return self._model.embed_pixels([r["pixels"] for r in rows]), None
         except Exception as exc:  # noqa: BLE001 - isolated per image below
             return None, exc
 
