@@ -69,6 +69,16 @@ def write_json(path: str, obj) -> None:
                 .encode("utf-8"))
 
 
+# One encoder for every JSON line: json.dumps builds a new encoder per call when
+# given options (measured 2.4 vs 1.7 µs per neighbour pair).
+_JSON_LINE = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def json_line(obj) -> str:
+    """One JSONL line (UTF-8 text kept as is, not \\u-escaped)."""
+    return _JSON_LINE(obj)
+
+
 def write_lines(path: str, lines) -> None:
     """Write text lines (JSONL) atomically; each line gets a trailing newline."""
     write_bytes(path, "".join(f"{line}\n" for line in lines).encode("utf-8"))

@@ -8,7 +8,6 @@ accounted for.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -87,7 +86,7 @@ def build_graph(p: beam.Pipeline, config: RunConfig):
     errors = ((valid[ERRORS], unique[ERRORS], read[ERRORS], decoded[ERRORS], embedded[ERRORS])
               | "AllErrors" >> beam.Flatten())
     error_files = (errors
-                   | "ErrorsToJson" >> beam.Map(lambda e: json.dumps(e, ensure_ascii=False))
+                   | "ErrorsToJson" >> beam.Map(files.json_line)
                    | "WriteErrors" >> beam.io.WriteToText(
                        files.join(config.output, ERRORS_DIR, "errors"),
                        file_name_suffix=".jsonl"))

@@ -12,7 +12,6 @@ image file), "same_image_bytes": [[ids with identical bytes], ...],
 
 from __future__ import annotations
 
-import json
 
 import apache_beam as beam
 
@@ -87,7 +86,7 @@ class WriteDuplicateGroups(beam.PTransform):
 
         def write(pairs):
             groups = group_pairs(pairs)
-            files.write_lines(path, (json.dumps(g, ensure_ascii=False) for g in groups))
+            files.write_lines(path, (files.json_line(g) for g in groups))
             yield len(groups)
 
         return ((identical, similar)

@@ -11,7 +11,6 @@ retried range simply rewrites its own shard.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import tempfile
@@ -167,10 +166,10 @@ class QueryNeighborsFn(beam.DoFn):
         files.write_lines(
             files.join(self._output_dir, NEIGHBORS_DIR,
                        shard_name(NEIGHBORS_PREFIX, shard, n_shards)),
-            (json.dumps(r, ensure_ascii=False) for r in records))
+            (files.json_line(r) for r in records))
         files.write_lines(
             files.join(self._output_dir, shard_name(FLAT_PREFIX, shard, n_shards)),
-            (json.dumps(p, ensure_ascii=False) for p in flat))
+            (files.json_line(p) for p in flat))
         yield {"shard": shard, "rows": len(records), "pairs": len(flat),
                "full_lists": sum(1 for r in records
                                  if len(r["neighbors"]) >= min(self._top_k, work["count"] - 1)),
