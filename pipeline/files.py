@@ -8,6 +8,7 @@ publish an object only when its upload completes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -102,6 +103,38 @@ def copy_to_local(path: str, local_dir: str) -> str:
             dst.write(block)
     os.replace(tmp, target)
     return target
+
+
+def local_path(path: str, local_dir: str) -> str:
+    """A local path to read ``path`` from: itself when local, else a copy in ``local_dir``."""
+    return path if is_local(path) else copy_to_local(path, local_dir)
+
+
+@contextlib.contextmanager
+def staged_output(path: str):
+    """Yield a local file name to write; its content is published at ``path`` on success.
+
+    A local destination is written beside the target and renamed into place, so
+    an index of gigabytes is written once, not written to /tmp and copied;
+    other filesystems get a local temporary file uploaded on exit. On failure
+    nothing appears at ``path``. The yielded name keeps ``path``'s suffix.
+    """
+    if not is_local(path):
+        with tempfile.TemporaryDirectory(prefix="similarity-stage-") as local:
+            staged = os.path.join(local, os.path.basename(path))
+            yield staged
+            upload_file(staged, path)
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    staged = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    try:
+        yield staged
+        os.chmod(staged, _FILE_MODE)
+        os.replace(staged, path)
+    finally:
+        if os.path.exists(staged):
+            os.unlink(staged)
 
 
 def upload_file(local_path: str, path: str) -> None:

@@ -107,10 +107,9 @@ class SplitPartitionsFn(beam.DoFn):
             # Search in a smaller space fitted on this run's vectors; features/ keep
             # the full vectors.
             mean, components = fit_pca(vectors, self._pca_dim)
-            with tempfile.TemporaryDirectory(prefix="similarity-pca-") as local:
-                for name, array in ((PCA_MEAN_FILE, mean), (PCA_COMPONENTS_FILE, components)):
-                    np.save(os.path.join(local, name), array, allow_pickle=False)
-                    files.upload_file(os.path.join(local, name), files.join(index_root, name))
+            for name, array in ((PCA_MEAN_FILE, mean), (PCA_COMPONENTS_FILE, components)):
+                with files.staged_output(files.join(index_root, name)) as staged:
+                    np.save(staged, array, allow_pickle=False)
             vectors = project(vectors, mean, components)
         partitions = matrix.columns.get(self._partition_column, [None] * len(ids))
         excludes = matrix.columns.get(self._exclude_column, [None] * len(ids))
@@ -136,16 +135,15 @@ class SplitPartitionsFn(beam.DoFn):
         yield from descriptions
 
     def _write_partition(self, directory, value, ids, vectors, excludes, started):
-        with tempfile.TemporaryDirectory(prefix="similarity-index-") as local:
-            similarity_search.save_vectors(os.path.join(local, VECTORS_FILE), vectors)
-            columns = {"row": pa.array(np.arange(len(ids), dtype=np.int64)),
-                       "product_id": pa.array(ids, type=pa.string())}
-            if self._exclude_column:
-                columns["exclude_key"] = pa.array(
-                    [None if e is None else str(e) for e in excludes], type=pa.string())
-            pq.write_table(pa.table(columns), os.path.join(local, IDS_FILE))
-            for name in (VECTORS_FILE, IDS_FILE):
-                files.upload_file(os.path.join(local, name), files.join(directory, name))
+        with files.staged_output(files.join(directory, VECTORS_FILE)) as staged:
+            similarity_search.save_vectors(staged, vectors)
+        columns = {"row": pa.array(np.arange(len(ids), dtype=np.int64)),
+                   "product_id": pa.array(ids, type=pa.string())}
+        if self._exclude_column:
+            columns["exclude_key"] = pa.array(
+                [None if e is None else str(e) for e in excludes], type=pa.string())
+        with files.staged_output(files.join(directory, IDS_FILE)) as staged:
+            pq.write_table(pa.table(columns), staged)
         return {
             "index_dir": directory,
             "partition": value,
@@ -179,14 +177,13 @@ class BuildAnnoyFn(beam.DoFn):
         search_k = self._search_k or similarity_search.default_search_k(max(n_trees, 1),
                                                                         candidates)
         if n:
-            with tempfile.TemporaryDirectory(prefix="similarity-annoy-") as local:
-                vectors_path = os.path.join(local, VECTORS_FILE)
-                files.copy_to_local(files.join(part["index_dir"], VECTORS_FILE), local)
-                vectors = similarity_search.load_vectors(vectors_path, mmap=True)
-                annoy_path = os.path.join(local, ANNOY_FILE)
-                similarity_search.build_annoy_index(vectors, annoy_path, n_trees, self._seed)
+            with tempfile.TemporaryDirectory(prefix="similarity-annoy-") as local, \
+                    files.staged_output(files.join(part["index_dir"], ANNOY_FILE)) as staged:
+                vectors = similarity_search.load_vectors(
+                    files.local_path(files.join(part["index_dir"], VECTORS_FILE), local),
+                    mmap=True)
+                similarity_search.build_annoy_index(vectors, staged, n_trees, self._seed)
                 del vectors
-                files.upload_file(annoy_path, files.join(part["index_dir"], ANNOY_FILE))
         meta = {
             "model": part["model"],
             "partition": part["partition"],
