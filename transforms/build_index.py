@@ -219,7 +219,8 @@ class BuildIndex(beam.PTransform):
 
     def expand(self, feature_paths):
         return (feature_paths
-                | "AllShards" >> beam.combiners.ToList()
+                # The sink always writes at least one (possibly empty) shard.
+                | "AllShards" >> beam.combiners.ToList().without_defaults()
                 | "SplitPartitions" >> beam.ParDo(self._split)
                 | "SpreadPartitions" >> beam.Reshuffle()
                 | "BuildAnnoy" >> beam.ParDo(self._build))

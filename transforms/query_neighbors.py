@@ -190,7 +190,8 @@ class QueryNeighbors(beam.PTransform):
 
     def expand(self, indexes):
         return (indexes
-                | "AllIndexes" >> beam.combiners.ToList()
+                # BuildIndex always describes at least one (possibly empty) index.
+                | "AllIndexes" >> beam.combiners.ToList().without_defaults()
                 | "PlanShards" >> beam.FlatMap(plan_shards)
                 | "SpreadShards" >> beam.Reshuffle()
                 | "Query" >> beam.ParDo(self._fn).with_outputs(NEAR_DUPLICATES,
