@@ -334,7 +334,12 @@ def _glob_row(metadata) -> dict:
 
 
 class ReadCatalog(beam.PTransform):
-    """All catalogue rows (usable or not), spread across workers."""
+    """All catalogue rows (usable or not).
+
+    The rows are not reshuffled here: the pipeline groups them by product id
+    next (duplicate ids), and that grouping already spreads them across
+    workers; a second shuffle would only add a stage.
+    """
 
     def __init__(self, info: CatalogInfo):
         super().__init__()
@@ -349,4 +354,4 @@ class ReadCatalog(beam.PTransform):
             rows = (pbegin
                     | "ManifestPath" >> beam.Create([self._info.input])
                     | "ReadManifest" >> beam.ParDo(ReadManifestRowsFn(self._info)))
-        return rows | "SpreadRows" >> beam.Reshuffle()
+        return rows
