@@ -86,7 +86,7 @@ class WriteDuplicateGroups(beam.PTransform):
 
         def write(pairs):
             groups = group_pairs(pairs)
-            files.write_lines(path, (files.json_line(g) for g in groups))
+            files.write_jsonl(path, groups)
             yield len(groups)
 
         return ((identical, similar)

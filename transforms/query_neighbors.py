@@ -163,13 +163,13 @@ class QueryNeighborsFn(beam.DoFn):
                         yield beam.pvalue.TaggedOutput(NEAR_DUPLICATES,
                                                        (a, b, pair["similarity"]))
         shard, n_shards = work["shard"], work["n_shards"]
-        files.write_lines(
+        files.write_jsonl(
             files.join(self._output_dir, NEIGHBORS_DIR,
                        shard_name(NEIGHBORS_PREFIX, shard, n_shards)),
-            (files.json_line(r) for r in records))
-        files.write_lines(
+            records)
+        files.write_jsonl(
             files.join(self._output_dir, shard_name(FLAT_PREFIX, shard, n_shards)),
-            (files.json_line(p) for p in flat))
+            flat)
         yield {"shard": shard, "rows": len(records), "pairs": len(flat),
                "full_lists": sum(1 for r in records
                                  if len(r["neighbors"]) >= min(self._top_k, work["count"] - 1)),
