@@ -102,7 +102,7 @@ class _LoadedIndex:
             local = cache
         self.vectors = similarity_search.load_vectors(os.path.join(local, VECTORS_FILE),
                                                       mmap=True)
-        ids = pq.read_table(os.path.join(local, IDS_FILE))
+        ids = pq.ParquetFile(os.path.join(local, IDS_FILE)).read()
         self.product_ids = ids.column("product_id").to_pylist()
         self.exclude_keys = (ids.column("exclude_key").to_pylist()
                              if "exclude_key" in ids.column_names else None)
