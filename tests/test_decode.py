@@ -93,6 +93,38 @@ def test_large_jpeg_decodes_at_reduced_scale_but_reports_original_size():
     assert (result.pixels[:30] == 255).all()
 
 
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("width,height", [(224, 224), (225, 224), (449, 500), (600, 600),
+                                          (2000, 1000), (897, 2000), (100, 80)])
+@pytest.mark.parametrize("progressive", [False, True])
+def test_direct_jpeg_decoding_gives_pillows_exact_pixels(mode, width, height, progressive,
+                                                         monkeypatch):
+    # Plain JPEGs skip Pillow (twice as fast); a vector must not depend on which path ran.
+    from transforms import decode
+
+    rng = np.random.default_rng(width * height)
+    small = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR).convert(mode)
+    data = encode(img, "JPEG", quality=90, progressive=progressive)
+    assert decode._fast_jpeg_pixels(Image.open(io.BytesIO(data)), data, None, 224) is not None
+    direct = decode_image(data, 224)
+    monkeypatch.setattr(decode, "simplejpeg", None)
+    through_pillow = decode_image(data, 224)
+    np.testing.assert_array_equal(direct.pixels, through_pillow.pixels)
+    assert (direct.width, direct.height) == (through_pillow.width, through_pillow.height)
+
+
+def test_jpegs_needing_pillow_never_take_the_direct_path():
+    from transforms import decode
+
+    cmyk = encode(Image.new("CMYK", (40, 40), (0, 255, 255, 0)), "JPEG")
+    plain = encode(Image.new("RGB", (40, 40), RED), "JPEG")
+    assert decode._fast_jpeg_pixels(Image.open(io.BytesIO(cmyk)), cmyk, None, SIZE) is None
+    assert decode._fast_jpeg_pixels(Image.open(io.BytesIO(plain)), plain, 6, SIZE) is None
+    cut = plain[:-20]  # libjpeg's complaint sends it to Pillow, which names it
+    assert decode._fast_jpeg_pixels(Image.open(io.BytesIO(cut)), cut, None, SIZE) is None
+
 def test_greyscale_jpeg_becomes_grey_rgb():
     result = decode_image(encode(Image.new("L", (16, 16), 100), "JPEG"), SIZE)
     pixel = result.pixels[16, 16]

@@ -20,6 +20,11 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
+try:  # libjpeg-turbo straight to numpy; Pillow decodes everything without it
+    import simplejpeg
+except ImportError:  # pragma: no cover - a requirement, but decoding must not depend on it
+    simplejpeg = None
+
 from transforms.errors import (ERRORS, METRICS_NAMESPACE, STAGE_DECODE, RowError, count_failure,
                               error_record)
 
@@ -83,6 +88,9 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
         width, height = img.size
         if orientation in _TRANSPOSED_ORIENTATIONS:
             width, height = height, width
+        fast = _fast_jpeg_pixels(img, data, orientation, size)
+        if fast is not None:
+            return DecodedImage(pixels=fast, width=width, height=height)
         if img.format in ("JPEG", "MPO"):
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while the result
             # stays at least ``size`` on its shorter side: big photos get much
@@ -98,6 +106,37 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
     except Exception as exc:  # Pillow plugins raise many types on bad input.
         raise _classify(exc, data) from exc
     return DecodedImage(pixels=pixels, width=width, height=height)
+
+
+def _draft_scale(width: int, height: int, size: int) -> int:
+    """The 1/s scale Pillow's JPEG ``draft`` picks: the largest power of two that
+    keeps both sides at least ``size``."""
+    fits = min(width // size, height // size)
+    return next((s for s in (8, 4, 2) if fits >= s), 1)
+
+
+def _fast_jpeg_pixels(img: Image.Image, data: bytes, orientation, size: int):
+    """Letterboxed pixels of a plain JPEG decoded by libjpeg-turbo directly, or None.
+
+    simplejpeg decodes straight into an RGB array, about twice as fast as
+    Pillow for catalogue-sized photos, with the same pixels (same library,
+    same accurate DCT and upsampling, same 1/s scale as ``draft``). Anything
+    less plain — CMYK, EXIF rotation, MPO, a stream libjpeg complains about —
+    returns None and takes the Pillow path, which also names the problem.
+    """
+    if (simplejpeg is None or img.format != "JPEG" or img.mode not in ("RGB", "L")
+            or orientation not in (None, 1)):
+        return None
+    scale = _draft_scale(img.width, img.height, size)
+    try:
+        pixels = simplejpeg.decode_jpeg(
+            data, colorspace="RGB", fastdct=False, fastupsample=False,
+            min_width=-(-img.width // scale), min_height=-(-img.height // scale))
+    except ValueError:
+        return None
+    if pixels.shape[:2] == (size, size):
+        return pixels
+    return letterbox(Image.fromarray(pixels, mode="RGB"), size)
 
 
 def letterbox(img: Image.Image, size: int) -> np.ndarray:
