@@ -158,17 +158,16 @@ def test_private_url_is_refused_by_default_config():
     run_read(rows, [], [failed("meta", "private_host")], config)
 
 
-def test_reads_in_flight_stay_bounded_and_all_are_emitted(monkeypatch, tmp_path):
+def test_reads_in_flight_stay_bounded_and_all_are_emitted(http_server):
     # Drive the DoFn by hand: outputs may lag inputs by at most 2×concurrency.
-    path = tmp_path / "a.jpg"
-    path.write_bytes(JPEG)
     fn = ReadImageBytesFn(dataclasses.replace(CONFIG, concurrency=3))
     fn.setup()
     try:
         fn.start_bundle()
         emitted, lag = [], 0
         for i in range(40):
-            emitted.extend(fn.process(row(f"p{i}", str(path), i), GlobalWindow(), MIN_TIMESTAMP))
+            image = http_server.url(f"image.jpg?i={i}")
+            emitted.extend(fn.process(row(f"p{i}", image, i), GlobalWindow(), MIN_TIMESTAMP))
             lag = max(lag, i + 1 - len(emitted))
         emitted.extend(fn.finish_bundle())
     finally:
@@ -178,6 +177,41 @@ def test_reads_in_flight_stay_bounded_and_all_are_emitted(monkeypatch, tmp_path)
     assert sorted(out.value["row_number"] for out in emitted) == list(range(40))
     assert all(out.windows == (GlobalWindow(),) for out in emitted)
 
+
+
+def test_fast_local_files_are_read_inline_and_slow_ones_overlap(monkeypatch, tmp_path):
+    # A thread hop costs more than reading a cached local file, but a network
+    # mount that looks local must still get overlapping reads.
+    import threading
+    import time
+
+    from transforms import read_bytes
+
+    path = tmp_path / "a.jpg"
+    path.write_bytes(JPEG)
+    threads, delay = [], [0.0]
+
+    def timed_read(location, max_bytes):
+        threads.append(threading.current_thread().name)
+        time.sleep(delay[0])
+        return JPEG
+
+    monkeypatch.setattr(read_bytes, "read_file_bytes", timed_read)
+    fn = ReadImageBytesFn(dataclasses.replace(CONFIG, concurrency=3))
+    fn.setup()
+    try:
+        fn.start_bundle()
+        emitted = []
+        for i in range(60):
+            delay[0] = 0.0 if i < 20 else 0.02  # the "disk" turns slow after 20 reads
+            emitted.extend(fn.process(row(f"p{i}", str(path), i), GlobalWindow(), MIN_TIMESTAMP))
+        emitted.extend(fn.finish_bundle())
+    finally:
+        fn.teardown()
+    main = threading.current_thread().name
+    assert threads[:20] == [main] * 20
+    assert all(t.startswith("read-image") for t in threads[-10:])
+    assert sorted(out.value["row_number"] for out in emitted) == list(range(60))
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can read any file")
 def test_file_without_read_permission_is_unreadable(files):
