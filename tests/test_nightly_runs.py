@@ -93,14 +93,18 @@ def test_unchanged_url_image_is_not_downloaded_again(tmp_path, tiny_model, http_
     assert http_server.last_headers["/image.jpg"].get("If-None-Match") == '"jpeg-v1"'
 
 
-def test_killed_run_leaves_latest_on_the_previous_run(tmp_path, tiny_model):
+def test_killed_run_leaves_latest_on_the_previous_run(tmp_path, tiny_model, http_server):
     catalog = write_catalog(tmp_path / "cat", copies=12)
     root = tmp_path / "root"
     first = _run(catalog, root, tiny_model, "--keep_runs=2")
+    # One image whose server never answers keeps the second run busy until it is killed.
+    _rewrite_manifest(catalog, add=[{"product_id": "stalled", "image": http_server.url("hang"),
+                                     "family": "x"}])
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.run", f"--input={catalog}", f"--output={root}",
-         f"--model={tiny_model}", "--full_rebuild", "--run_id=killed"],
+         f"--model={tiny_model}", "--full_rebuild", "--run_id=killed",
+         "--allow_private_hosts", "--fetch_timeout=60", "--fetch_total_timeout=60"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = root / "runs" / "killed" / publish.INCOMPLETE
     deadline = time.time() + 120
