@@ -91,11 +91,12 @@ def build_graph(p: beam.Pipeline, config: RunConfig):
                        files.join(config.output, ERRORS_DIR, "errors"),
                        file_name_suffix=".jsonl"))
 
+    written = [error_files]  # outputs that must be final before the manifest says so
     if config.features_only:
-        # The manifest then waits for the feature files only.
+        # No index and no neighbours: the manifest waits for the feature files.
         index = p | "NoIndex" >> beam.Create([])
-        shards = feature_files | "FeaturesWritten" >> beam.combiners.Count.Globally() | (
-            "NoShards" >> beam.FlatMap(lambda _: []))
+        shards = p | "NoShards" >> beam.Create([])
+        written.append(feature_files)
     else:
         index = feature_files | "BuildIndex" >> BuildIndex(
             config.output, config.model.model_id, config.top_k, config.search,
@@ -105,16 +106,12 @@ def build_graph(p: beam.Pipeline, config: RunConfig):
             config.output, config.top_k, config.min_similarity, config.duplicate_threshold)
         groups = ((features, queried[NEAR_DUPLICATES])
                   | "DuplicateGroups" >> WriteDuplicateGroups(config.output))
-        # The duplicate groups must be written before the manifest.
-        shards = queried.shards | "AfterDuplicates" >> beam.Map(
-            lambda s, _groups: s, _groups=beam.pvalue.AsList(groups))
+        shards = queried.shards
+        written.append(groups)
 
     counts = {count_rows.INPUT: rows, count_rows.EMBEDDED: features,
               count_rows.REUSED: changed[REUSED], count_rows.REMOVED: unique[REMOVED],
               count_rows.FAILED: errors} | "CountRows" >> count_rows.CountRows()
-    # The errors files must be final before the manifest says the run is complete.
-    shards_after_errors = shards | "AfterErrors" >> beam.Map(
-        lambda s, _files: s, _files=beam.pvalue.AsList(error_files))
-    return ((counts, index, shards_after_errors)
+    return ((counts, index, shards, *written)
             | "WriteManifest" >> WriteManifest(config.output, config.settings,
                                                config.started_at))

@@ -216,11 +216,13 @@ class BuildIndex(beam.PTransform):
         self._split = SplitPartitionsFn(output_dir, model_id, partition_column, exclude_column,
                                         pca_dim)
         self._build = BuildAnnoyFn(top_k, search, n_trees, search_k, seed)
+        self._partitioned = partition_column is not None
 
     def expand(self, feature_paths):
-        return (feature_paths
-                # The sink always writes at least one (possibly empty) shard.
-                | "AllShards" >> beam.combiners.ToList().without_defaults()
-                | "SplitPartitions" >> beam.ParDo(self._split)
-                | "SpreadPartitions" >> beam.Reshuffle()
-                | "BuildAnnoy" >> beam.ParDo(self._build))
+        parts = (feature_paths
+                 # The sink always writes at least one (possibly empty) shard.
+                 | "AllShards" >> beam.combiners.ToList().without_defaults()
+                 | "SplitPartitions" >> beam.ParDo(self._split))
+        if self._partitioned:  # one Annoy build per partition, spread over the workers
+            parts = parts | "SpreadPartitions" >> beam.Reshuffle()
+        return parts | "BuildAnnoy" >> beam.ParDo(self._build)

@@ -105,11 +105,13 @@ class WriteManifest(beam.PTransform):
         self._started_at = started_at
 
     def expand(self, inputs):
-        """``(counts, index, shards)``: the output of ``CountRows``, index and shard records."""
-        counts, index, shards = inputs
+        """``(counts, index, shards, *after)``: the output of ``CountRows``, index and shard
+        records, then any outputs (e.g. written file names) that must be final first."""
+        counts, index, shards, *after = inputs
         path, settings, started_at = self._path, self._settings, self._started_at
+        waits = {f"_after{i}": beam.pvalue.AsList(pcoll) for i, pcoll in enumerate(after)}
 
-        def write(_, counts, index, shards):
+        def write(_, counts, index, shards, **_waits):
             manifest = build_manifest(settings, RunCounts(counts), index or None, shards,
                                       started_at)
             files.write_json(path, manifest)
@@ -121,4 +123,4 @@ class WriteManifest(beam.PTransform):
                     write,
                     counts=beam.pvalue.AsList(counts),
                     index=beam.pvalue.AsList(index),
-                    shards=beam.pvalue.AsList(shards)))
+                    shards=beam.pvalue.AsList(shards), **waits))
