@@ -89,7 +89,7 @@ class SplitPartitionsFn(beam.DoFn):
         self._exclude_column = exclude_column
         self._pca_dim = pca_dim
 
-    def process(self, feature_paths):
+    def process(self, _, feature_paths):
         started = time.time()
         extra = [c for c in (self._partition_column, self._exclude_column) if c]
         matrix = read_feature_matrix(sorted(feature_paths), extra)
@@ -219,10 +219,12 @@ class BuildIndex(beam.PTransform):
         self._partitioned = partition_column is not None
 
     def expand(self, feature_paths):
-        parts = (feature_paths
-                 # The sink always writes at least one (possibly empty) shard.
-                 | "AllShards" >> beam.combiners.ToList().without_defaults()
-                 | "SplitPartitions" >> beam.ParDo(self._split))
+        # Once, with every shard name as a side input: the split starts when the
+        # feature files are final.
+        parts = (feature_paths.pipeline
+                 | "Once" >> beam.Create([None])
+                 | "SplitPartitions" >> beam.ParDo(self._split,
+                                                   beam.pvalue.AsList(feature_paths)))
         if self._partitioned:  # one Annoy build per partition, spread over the workers
             parts = parts | "SpreadPartitions" >> beam.Reshuffle()
         return parts | "BuildAnnoy" >> beam.ParDo(self._build)

@@ -84,12 +84,13 @@ class WriteDuplicateGroups(beam.PTransform):
         similar = similar_pairs | "MarkSimilar" >> beam.Map(lambda p: (p[0], p[1], p[2], None))
         path = self._path
 
-        def write(pairs):
+        def write(_, pairs):
             groups = group_pairs(pairs)
             files.write_jsonl(path, groups)
             yield len(groups)
 
-        return ((identical, similar)
-                | "AllPairs" >> beam.Flatten()
-                | "Together" >> beam.combiners.ToList()
-                | "Write" >> beam.FlatMap(write))
+        pairs = (identical, similar) | "AllPairs" >> beam.Flatten()
+        # Once, with every pair as a side input (none at all still writes the file).
+        return (features.pipeline
+                | "Once" >> beam.Create([None])
+                | "Write" >> beam.FlatMap(write, beam.pvalue.AsList(pairs)))

@@ -189,10 +189,10 @@ class QueryNeighbors(beam.PTransform):
         self._fn = QueryNeighborsFn(output_dir, top_k, min_similarity, duplicate_threshold)
 
     def expand(self, indexes):
-        return (indexes
-                # BuildIndex always describes at least one (possibly empty) index.
-                | "AllIndexes" >> beam.combiners.ToList().without_defaults()
-                | "PlanShards" >> beam.FlatMap(plan_shards)
+        return (indexes.pipeline
+                | "Once" >> beam.Create([None])
+                | "PlanShards" >> beam.FlatMap(lambda _, every: plan_shards(every),
+                                               beam.pvalue.AsList(indexes))
                 | "SpreadShards" >> beam.Reshuffle()
                 | "Query" >> beam.ParDo(self._fn).with_outputs(NEAR_DUPLICATES,
                                                                main="shards"))
