@@ -31,6 +31,9 @@ sys.path.insert(0, str(REPO))
 
 DEFAULT_PRODUCTS = REPO.parent / "shared" / "data" / "products"
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_steal import StealMeter  # noqa: E402
+
 
 def _engine(model, engine: str, threads: int):
     from pipeline.models.registry import load_model, resolve_model
@@ -137,10 +140,12 @@ def main(argv=None) -> int:
     print("(a) raw model on pre-decoded tensors (images/s)")
     ceilings = {}
     for engine in ("tflite", "savedmodel"):
-        results = raw_ceiling(args.model, engine, cores, args.raw_seconds)
+        with StealMeter() as meter:
+            results = raw_ceiling(args.model, engine, cores, args.raw_seconds)
         for config, rate in results.items():
             print(f"  {engine:10s} {config:36s} {rate:7.1f}")
         ceilings[engine] = max(results.values())
+        print(f"  ({engine}: {meter.seconds:.0f} s{meter.label()})")
     print(f"  ceiling: tflite {ceilings['tflite']:.1f}, savedmodel {ceilings['savedmodel']:.1f} "
           f"-> TFLite is {ceilings['tflite'] / ceilings['savedmodel']:.2f}x TensorFlow\n")
 
@@ -157,10 +162,12 @@ def main(argv=None) -> int:
         print(f"(b) pipeline, JPEG files -> Parquet, DirectRunner, {mode}, "
               f"{n} images ({repeats} x catalogue), engine {best_engine}")
         startup = pipeline_rate(tiny, os.path.join(tmp, "tiny-out"), args.model, "auto", workers)
-        result = pipeline_rate(manifest, os.path.join(tmp, "out"), args.model, "auto", workers)
+        with StealMeter() as meter:
+            result = pipeline_rate(manifest, os.path.join(tmp, "out"), args.model, "auto",
+                                   workers)
     steady = result["images"] / (result["wall_s"] - startup["wall_s"])
     print(f"  {result['images']} images in {result['wall_s']:.1f} s = {result['rate']:.1f} "
-          f"images/s (engine {result['engine']}, start-up included)")
+          f"images/s (engine {result['engine']}, start-up included{meter.label()})")
     print(f"  fixed start-up (a run of {startup['images']} images): {startup['wall_s']:.1f} s; "
           f"steady state {steady:.1f} images/s\n")
     ratio = result["rate"] / ceilings[best_engine]
