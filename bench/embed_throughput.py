@@ -81,14 +81,19 @@ def _parallel(model: str, engine: str, processes: int, batch: int, seconds: floa
     return sum(rates)
 
 
+# The sweep behind pipeline.models.engines.PREFERRED_BATCH (the pipeline's default
+# --batch_size per engine).
+BATCHES = (1, 2, 8, 32)
+
+
 def raw_ceiling(model: str, engine: str, cores: int, seconds: float) -> dict:
     """Best raw throughput over batch sizes and core splits; returns every measurement."""
     results = {}
-    for batch in (1, 8, 32):
+    for batch in BATCHES:
         results[f"1 process x {cores} threads, batch {batch}"] = _measure(
             model, engine, cores, batch, seconds)
     if cores > 1:
-        for batch in (1, 8, 32):
+        for batch in BATCHES:
             results[f"{cores} processes x 1 thread, batch {batch}"] = _parallel(
                 model, engine, cores, batch, seconds)
     return results

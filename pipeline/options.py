@@ -58,9 +58,10 @@ class SimilarityOptions(PipelineOptions):
                             help="Manifest column holding the product id.")
         parser.add_argument("--image_column", default="image",
                             help="Manifest column holding the image path or URL.")
-        parser.add_argument("--batch_size", type=int, default=8,
-                            help="Images per model call (8 measured fastest for the TFLite "
-                            "engine on CPUs; see bench/embed_throughput.py).")
+        parser.add_argument("--batch_size", type=int, default=0,
+                            help="Images per model call; 0 = what measured fastest for the "
+                            "engine on CPUs (TFLite 2, SavedModel 8; see "
+                            "bench/embed_throughput.py).")
         parser.add_argument("--model_threads", type=int, default=0,
                             help="Threads per worker for model inference; 0 = cores divided "
                             "by --direct_num_workers (so worker processes do not "

@@ -22,6 +22,7 @@ from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions
 from pipeline import files, publish
 from pipeline.local_runner import is_direct, runner_for
 from pipeline.graph import ERRORS_DIR, RunConfig, build_graph
+from pipeline.models import engines
 from pipeline.models.registry import ModelLoadError, resolve_model
 from pipeline.options import SimilarityOptions
 from transforms.build_index import INDEX_DIR
@@ -85,8 +86,9 @@ def _validate(opts: SimilarityOptions) -> None:
                          f"required (see --help)")
     if opts.top_k < 1:
         raise UsageError(f"--top_k must be at least 1, got {opts.top_k}")
-    if opts.batch_size < 1:
-        raise UsageError(f"--batch_size must be at least 1, got {opts.batch_size}")
+    if opts.batch_size < 0:
+        raise UsageError(f"--batch_size must be at least 1 (or 0 for the engine's best), "
+                         f"got {opts.batch_size}")
     if opts.min_similarity is not None and not -1 <= opts.min_similarity <= 1:
         raise UsageError(f"--min_similarity must be within [-1, 1], got {opts.min_similarity}")
     if not -1 <= opts.duplicate_threshold <= 1:
@@ -148,6 +150,7 @@ def make_config(options: PipelineOptions) -> RunConfig:
                         max_bytes=opts.max_image_bytes, user_agent=opts.fetch_user_agent,
                         allow_private_hosts=opts.allow_private_hosts,
                         concurrency=opts.fetch_concurrency)
+    batch_size = opts.batch_size or engines.preferred_batch(model.engine)
     settings = {
         "input": opts.input,
         "output": opts.output,
@@ -161,6 +164,7 @@ def make_config(options: PipelineOptions) -> RunConfig:
         "dim": model.dim,
         "input_size": model.input_size,
         "engine": model.engine,
+        "batch_size": batch_size,
         "top_k": opts.top_k,
         "seed": opts.seed,
         "partition_by": opts.partition_by,
@@ -173,7 +177,7 @@ def make_config(options: PipelineOptions) -> RunConfig:
         "versions": library_versions(),
     }
     return RunConfig(output=publish.run_dir(opts.output, run_id), catalog=catalog, model=model, top_k=opts.top_k,
-                     batch_size=opts.batch_size, model_threads=threads, search=opts.search,
+                     batch_size=batch_size, model_threads=threads, search=opts.search,
                      n_trees=opts.n_trees, search_k=opts.search_k, seed=opts.seed,
                      max_image_pixels=opts.max_image_pixels, fetch=fetch,
                      started_at=started_at, settings=settings,

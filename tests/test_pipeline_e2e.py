@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.models.engines import preferred_batch
 from pipeline.run import main, run
 from tests.conftest import FAMILIES, TINY_DIM, write_catalog
 
@@ -186,8 +187,15 @@ def test_unusable_catalog_exits_2_with_one_sentence(tmp_path, tiny_model, capsys
     assert "Traceback" not in err
 
 
+def test_model_calls_take_the_engines_measured_batch_by_default(first_run):
+    _, manifest = first_run
+    assert manifest["engine"] == "tflite"
+    assert manifest["batch_size"] == preferred_batch("tflite") == 2
+
+
 def test_features_only_run_stops_after_features(catalog, tiny_model, tmp_path):
-    manifest = _run(catalog, tmp_path / "f", tiny_model, "--features_only")
+    manifest = _run(catalog, tmp_path / "f", tiny_model, "--features_only", "--batch_size=5")
+    assert manifest["batch_size"] == 5
     assert manifest["counts"]["embedded"] == len(FAMILIES) * 3
     assert "neighbors" not in manifest and "index" not in manifest
     assert len(_features(manifest["run_dir"])) == len(FAMILIES) * 3

@@ -28,6 +28,22 @@ TFLITE_CONVERSION_VERSION = 1
 MIN_PROBE_COSINE = 0.999
 
 
+# Images per model call where --batch_size is not given, measured per engine on
+# efficientnet_lite0, 2-core Zen 4, 2026-12-01 (images/s, median of interleaved repeats):
+# TFLite/XNNPACK keeps a small batch's activations in the per-core caches, so batch 2
+# beat batch 8 by 13 % (one process, 2 threads: 182 vs 161) to 35 % (one 1-thread
+# process per core: 203 vs 150), and 1000 images ran end to end in 8.2–8.8 s against
+# 8.6–9.4 s; TensorFlow pays a fixed cost per call, so batch 2 lost 30–45 % there
+# (70–82 vs 103–106 at 8; 32 was no faster than 8). ``bench/embed_throughput.py``
+# prints the same sweep for any machine.
+PREFERRED_BATCH = {"tflite": 2, "savedmodel": 8}
+
+
+def preferred_batch(engine: str) -> int:
+    """Images per model call that ran fastest for this engine where it was measured."""
+    return PREFERRED_BATCH[engine]
+
+
 # uint8 pixel values → the [0, 1] floats every engine takes.
 PIXEL_SCALE = np.float32(1 / 255.0)
 
