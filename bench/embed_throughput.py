@@ -42,9 +42,10 @@ def _engine(model, engine: str, threads: int):
     return resolved, load_model(resolved, threads)
 
 
-def _measure(model: str, engine: str, threads: int, batch: int, seconds: float,
+def measure_raw(model: str, engine: str, threads: int, batch: int, seconds: float,
              start_at: float | None = None, queue=None) -> float:
-    """Images per second of one engine instance on random pre-decoded images."""
+    """Images per second of one engine instance on random pre-decoded images: the
+    model's own speed, with no decoding, I/O or pipeline around it."""
     import numpy as np
 
     from transforms.embed import configure_tf_threads
@@ -71,7 +72,7 @@ def _parallel(model: str, engine: str, processes: int, batch: int, seconds: floa
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     start_at = time.time() + 25.0  # time for every process to load and warm up
-    procs = [ctx.Process(target=_measure, args=(model, engine, 1, batch, seconds, start_at,
+    procs = [ctx.Process(target=measure_raw, args=(model, engine, 1, batch, seconds, start_at,
                                                 queue)) for _ in range(processes)]
     for proc in procs:
         proc.start()
@@ -90,7 +91,7 @@ def raw_ceiling(model: str, engine: str, cores: int, seconds: float) -> dict:
     """Best raw throughput over batch sizes and core splits; returns every measurement."""
     results = {}
     for batch in BATCHES:
-        results[f"1 process x {cores} threads, batch {batch}"] = _measure(
+        results[f"1 process x {cores} threads, batch {batch}"] = measure_raw(
             model, engine, cores, batch, seconds)
     if cores > 1:
         for batch in BATCHES:
