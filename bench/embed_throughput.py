@@ -43,7 +43,7 @@ def _engine(model, engine: str, threads: int):
 
 
 def measure_raw(model: str, engine: str, threads: int, batch: int, seconds: float,
-             start_at: float | None = None, queue=None) -> float:
+                start_at: float | None = None, queue=None) -> float:
     """Images per second of one engine instance on random pre-decoded images: the
     model's own speed, with no decoding, I/O or pipeline around it."""
     import numpy as np
@@ -72,8 +72,9 @@ def _parallel(model: str, engine: str, processes: int, batch: int, seconds: floa
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     start_at = time.time() + 25.0  # time for every process to load and warm up
-    procs = [ctx.Process(target=measure_raw, args=(model, engine, 1, batch, seconds, start_at,
-                                                queue)) for _ in range(processes)]
+    procs = [ctx.Process(target=measure_raw,
+                         args=(model, engine, 1, batch, seconds, start_at, queue))
+             for _ in range(processes)]
     for proc in procs:
         proc.start()
     rates = [queue.get() for _ in procs]

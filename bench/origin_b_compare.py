@@ -10,11 +10,12 @@ product as one JSON list. This script re-creates that flow faithfully (it is a b
 not product code) and times it, then times ``pipeline.run`` on the same images with the
 same model on DirectRunner, in both local modes: one in-memory process whose model uses
 every core (``pipeline.run``'s default) and one worker process per core
-(``runners.direct``), and prints the speed-ups, next to the ceiling: origin B's time over
+(``runners.direct``), and prints the speed-ups next to the ceiling: origin B's time over
 the time the model alone needs for these images on this machine (pre-decoded tensors, no
-I/O, no start-up), the most any pipeline could reach here. All timings are taken in this one run,
-interleaved over ``--rounds`` rounds (the median speed-up is reported), and each is printed
-with the CPU time the hypervisor stole meanwhile, so a contended round can be recognised.
+I/O, no start-up), the most any pipeline could reach here. All timings are taken in this
+one run, interleaved over ``--rounds`` rounds (the median speed-up is reported), and each
+is printed with the CPU time the hypervisor stole meanwhile, so a contended round can be
+recognised.
 """
 
 from __future__ import annotations
