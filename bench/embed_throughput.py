@@ -35,32 +35,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_steal import StealMeter  # noqa: E402
 
 
-def _engine(model, engine: str, threads: int):
+def _engine(model, engine: str, threads: int, lanes: int = 1):
     from pipeline.models.registry import load_model, resolve_model
 
     resolved = resolve_model(model, engine=engine)
-    return resolved, load_model(resolved, threads)
+    return resolved, load_model(resolved, threads, lanes)
 
 
 def measure_raw(model: str, engine: str, threads: int, batch: int, seconds: float,
-                start_at: float | None = None, queue=None) -> float:
+                start_at: float | None = None, queue=None, lanes: int = 1) -> float:
     """Images per second of one engine instance on random pre-decoded images: the
-    model's own speed, with no decoding, I/O or pipeline around it."""
+    model's own speed, with no decoding, I/O or pipeline around it. With ``lanes``,
+    that many threads call it at once (one interpreter each, sharing ``threads``),
+    as the pipeline's embed step does."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
 
     from transforms.embed import configure_tf_threads
 
     configure_tf_threads(threads)
-    resolved, run = _engine(model, engine, threads)
+    resolved, run = _engine(model, engine, threads, lanes)
     images = np.random.default_rng(0).random(
         (batch, resolved.input_size, resolved.input_size, 3)).astype(np.float32)
-    run(images)  # warm-up: plan the interpreter / trace the graph
+    callers = run.lanes
+    with ThreadPoolExecutor(callers) as pool:  # warm-up: plan each interpreter
+        list(pool.map(lambda _: run(images), range(callers)))
     if start_at is not None:
         time.sleep(max(0.0, start_at - time.time()))
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        run(images)
-        done += batch
+    started = time.perf_counter()
+
+    def calls(_) -> int:
+        done = 0
+        while time.perf_counter() - started < seconds:
+            run(images)
+            done += batch
+        return done
+
+    with ThreadPoolExecutor(callers) as pool:
+        done = sum(pool.map(calls, range(callers)))
     rate = done / (time.perf_counter() - started)
     if queue is not None:
         queue.put(rate)
@@ -90,10 +103,17 @@ BATCHES = (1, 2, 8, 32)
 
 def raw_ceiling(model: str, engine: str, cores: int, seconds: float) -> dict:
     """Best raw throughput over batch sizes and core splits; returns every measurement."""
+    from pipeline.models.engines import preferred_lanes
+
     results = {}
     for batch in BATCHES:
         results[f"1 process x {cores} threads, batch {batch}"] = measure_raw(
             model, engine, cores, batch, seconds)
+    lanes = preferred_lanes(engine, cores)
+    if lanes > 1:  # the in-memory pipeline's set-up: single-threaded interpreters at once
+        for batch in BATCHES:
+            results[f"1 process, {lanes} lanes x 1 thread, batch {batch}"] = measure_raw(
+                model, engine, cores, batch, seconds, lanes=lanes)
     if cores > 1:
         for batch in BATCHES:
             results[f"{cores} processes x 1 thread, batch {batch}"] = _parallel(

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     if not (args.products / "catalog.csv").exists():
         print(f"no catalogue at {args.products}; pass --products", file=sys.stderr)
         return 2
-    from pipeline.models.engines import preferred_batch
+    from pipeline.models.engines import preferred_batch, preferred_lanes
     from pipeline.models.registry import resolve_model, savedmodel_path
     from pipeline.run import run
 
@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     cores = os.cpu_count() or 1
     engine = resolve_model(args.model).engine
     batch = preferred_batch(engine)
+    lanes = preferred_lanes(engine, cores)
     print(f"{n} images, model {args.model}, {args.rounds} round(s)")
     for round_no in range(1, args.rounds + 1):
         with tempfile.TemporaryDirectory(prefix="origin-b-") as tmp:
@@ -137,9 +138,10 @@ def main(argv=None) -> int:
             # The bound no pipeline can beat on this machine: the model alone, as the
             # in-memory run sets it up, with no decoding, I/O, index or start-up.
             with StealMeter() as meter:
-                raw = measure_raw(args.model, engine, cores, batch, RAW_SECONDS)
+                raw = measure_raw(args.model, engine, cores, batch, RAW_SECONDS, lanes=lanes)
             ceilings.append(baseline["total_s"] / (n / raw))
-            print(f"  model alone ({engine}, batch {batch}, {cores} threads): {raw:.1f} img/s"
+            print(f"  model alone ({engine}, batch {batch}, {cores} threads in {lanes} "
+                  f"lane(s)): {raw:.1f} img/s"
                   f" -> ceiling {ceilings[-1]:.2f}x (inference only{meter.label()})")
             for i, (name, mode_args) in enumerate(modes.items()):
                 with StealMeter() as meter:  # a fresh output each: nothing to reuse

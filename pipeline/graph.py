@@ -58,6 +58,7 @@ class RunConfig:
     min_similarity: float | None = None  # drop weaker neighbours
     duplicate_threshold: float = 0.97  # near-duplicate groups link at this similarity
     pca_dim: int = 0  # search in a PCA space of this many dimensions (0: full vectors)
+    model_lanes: int = 1  # model calls a worker process runs at once
 
 
 def build_graph(p: beam.Pipeline, config: RunConfig):
@@ -77,7 +78,8 @@ def build_graph(p: beam.Pipeline, config: RunConfig):
         DecodeImageFn(config.model.input_size, config.max_image_pixels)).with_outputs(
         ERRORS, main="rows")
     embedded = decoded.rows | "Embed" >> EmbedImages(
-        config.model, batch_size=config.batch_size, threads=config.model_threads)
+        config.model, batch_size=config.batch_size, threads=config.model_threads,
+        lanes=config.model_lanes)
 
     features = (embedded.features, changed[REUSED]) | "AllFeatures" >> beam.Flatten()
     feature_files = features | "WriteFeatures" >> WriteFeatures(

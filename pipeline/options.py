@@ -66,6 +66,11 @@ class SimilarityOptions(PipelineOptions):
                             help="Threads per worker for model inference; 0 = cores divided "
                             "by --direct_num_workers (so worker processes do not "
                             "oversubscribe the cores).")
+        parser.add_argument("--model_lanes", type=int, default=0,
+                            help="Model calls a worker process runs at once, each on its own "
+                            "TFLite interpreter sharing --model_threads, while the process "
+                            "decodes the next images; 0 = the engine's best (TFLite: one "
+                            "single-threaded interpreter per thread; SavedModel: 1).")
         parser.add_argument("--search", choices=("auto", "exact", "annoy"), default="auto",
                             help="Neighbour search: exact cosine, Annoy candidates re-ranked "
                             "by exact cosine, or chosen by catalogue size.")

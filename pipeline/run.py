@@ -86,6 +86,9 @@ def _validate(opts: SimilarityOptions) -> None:
                          f"required (see --help)")
     if opts.top_k < 1:
         raise UsageError(f"--top_k must be at least 1, got {opts.top_k}")
+    if opts.model_lanes < 0:
+        raise UsageError(f"--model_lanes must be at least 1 (or 0 for the engine's best), "
+                         f"got {opts.model_lanes}")
     if opts.batch_size < 0:
         raise UsageError(f"--batch_size must be at least 1 (or 0 for the engine's best), "
                          f"got {opts.batch_size}")
@@ -151,6 +154,8 @@ def make_config(options: PipelineOptions) -> RunConfig:
                         allow_private_hosts=opts.allow_private_hosts,
                         concurrency=opts.fetch_concurrency)
     batch_size = opts.batch_size or engines.preferred_batch(model.engine)
+    lanes = (1 if model.engine == "savedmodel"
+             else opts.model_lanes or engines.preferred_lanes(model.engine, threads))
     settings = {
         "input": opts.input,
         "output": opts.output,
@@ -165,6 +170,8 @@ def make_config(options: PipelineOptions) -> RunConfig:
         "input_size": model.input_size,
         "engine": model.engine,
         "batch_size": batch_size,
+        "model_threads": threads,
+        "model_lanes": lanes,
         "top_k": opts.top_k,
         "seed": opts.seed,
         "partition_by": opts.partition_by,
@@ -185,7 +192,8 @@ def make_config(options: PipelineOptions) -> RunConfig:
                      partition_by=carried_column(catalog, opts.partition_by, "--partition_by"),
                      exclude_same=carried_column(catalog, opts.exclude_same, "--exclude_same"),
                      min_similarity=opts.min_similarity,
-                     duplicate_threshold=opts.duplicate_threshold, pca_dim=opts.pca_dim)
+                     duplicate_threshold=opts.duplicate_threshold, pca_dim=opts.pca_dim,
+                     model_lanes=lanes)
 
 
 def summarize(manifest: dict) -> str:

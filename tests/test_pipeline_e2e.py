@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.models.engines import preferred_batch
+from pipeline.models.engines import preferred_batch, preferred_lanes
 from pipeline.run import main, run
 from tests.conftest import FAMILIES, TINY_DIM, write_catalog
 
@@ -191,6 +191,19 @@ def test_model_calls_take_the_engines_measured_batch_by_default(first_run):
     _, manifest = first_run
     assert manifest["engine"] == "tflite"
     assert manifest["batch_size"] == preferred_batch("tflite") == 2
+    # One process uses every core, as one single-threaded interpreter per core.
+    assert manifest["model_threads"] == (os.cpu_count() or 1)
+    assert manifest["model_lanes"] == preferred_lanes("tflite", manifest["model_threads"])
+
+
+def test_model_lanes_option_is_honoured_and_checked(catalog, tiny_model, tmp_path, capsys):
+    manifest = _run(catalog, tmp_path / "one", tiny_model, "--features_only",
+                    "--model_lanes=1", "--model_threads=2")
+    assert (manifest["model_lanes"], manifest["model_threads"]) == (1, 2)
+    assert manifest["counts"]["embedded"] == len(FAMILIES) * 3
+    assert main([f"--input={catalog}", f"--output={tmp_path / 'bad'}", f"--model={tiny_model}",
+                 "--model_lanes=-1"]) == 2
+    assert "--model_lanes must be at least 1" in capsys.readouterr().err
 
 
 def test_features_only_run_stops_after_features(catalog, tiny_model, tmp_path):

@@ -10,12 +10,15 @@ bad image costs one error row, not the batch.
 
 from __future__ import annotations
 
+import collections
+from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
 import numpy as np
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
+from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.models.registry import ResolvedModel, load_model
 from transforms.errors import ERRORS, METRICS_NAMESPACE, STAGE_EMBED, count_failure, error_record
@@ -73,13 +76,23 @@ def feature_row(row: dict, embedding: np.ndarray, model_id: str) -> dict:
 
 
 class EmbedBatchFn(beam.DoFn):
-    """Embed a batch of decoded rows; failures go to the ``errors`` output."""
+    """Embed a batch of decoded rows; failures go to the ``errors`` output.
 
-    def __init__(self, model: ResolvedModel, threads: int, shared_handle: shared.Shared):
+    Model calls run on the model's lanes (``engine.lanes`` threads), up to one
+    more batch than there are lanes in flight, while Beam's thread goes on
+    reading and decoding: inference overlaps the rest of the fused stage instead
+    of waiting for it. Outputs keep their input batch's window and timestamp.
+    """
+
+    def __init__(self, model: ResolvedModel, threads: int, shared_handle: shared.Shared,
+                 lanes: int = 1):
         self._model_info = model
         self._threads = threads
+        self._lanes = lanes
         self._shared = shared_handle
         self._model = None
+        self._calls = None
+        self._in_flight: collections.deque = collections.deque()
         self._embedded = Metrics.counter(METRICS_NAMESPACE, "embedded")
         self._batch_size = Metrics.distribution(METRICS_NAMESPACE, "embed_batch_size")
 
@@ -87,9 +100,15 @@ class EmbedBatchFn(beam.DoFn):
         info = self._model_info
         if info.engine == "savedmodel":  # the TFLite engine never starts TensorFlow
             configure_tf_threads(self._threads)
-        holder = self._shared.acquire(lambda: _ModelHolder(load_model(info, self._threads)),
-                                      tag=info.model_id)
+        holder = self._shared.acquire(
+            lambda: _ModelHolder(load_model(info, self._threads, self._lanes)),
+            tag=f"{info.model_id}/{self._threads}/{self._lanes}")
         self._model = holder.model
+        self._calls = ThreadPoolExecutor(max_workers=self._model.lanes,
+                                         thread_name_prefix="model-lane")
+
+    def start_bundle(self):
+        self._in_flight = collections.deque()
 
     def _embed_rows(self, rows: list[dict]):
         try:
@@ -97,44 +116,73 @@ class EmbedBatchFn(beam.DoFn):
         except Exception as exc:  # noqa: BLE001 - isolated per image below
             return None, exc
 
-    def process(self, batch: list[dict]):
-        self._batch_size.update(len(batch))
+    def _run_model(self, batch: list[dict]) -> list[tuple]:
+        """(row, vector or None, exception or None) per row; runs on a model lane,
+        so it touches nothing of Beam's (metrics belong to the bundle's thread)."""
         vectors, failure = self._embed_rows(batch)
         if failure is None:
-            results = list(zip(batch, vectors))
-        else:
-            results = []
-            for row in batch:
-                single, exc = self._embed_rows([row])
-                if exc is not None:
-                    count_failure(STAGE_EMBED, "model_error")
-                    yield pvalue.TaggedOutput(ERRORS, error_record(
-                        row, STAGE_EMBED, "model_error",
-                        f"the model failed on this image: {type(exc).__name__}: {exc}"))
-                else:
-                    results.append((row, single[0]))
-        if not results:
+            return [(row, vector, None) for row, vector in zip(batch, vectors)]
+        results = []
+        for row in batch:
+            single, exc = self._embed_rows([row])
+            results.append((row, None if exc else single[0], exc))
+        return results
+
+    def process(self, batch: list[dict], window=beam.DoFn.WindowParam,
+                timestamp=beam.DoFn.TimestampParam):
+        self._batch_size.update(len(batch))
+        self._in_flight.append((self._calls.submit(self._run_model, batch), window, timestamp))
+        # One batch queued behind the busy lanes, so a lane that finishes starts at once.
+        while len(self._in_flight) > self._model.lanes + 1:
+            yield from self._outputs(*self._in_flight.popleft())
+
+    def finish_bundle(self):
+        while self._in_flight:
+            yield from self._outputs(*self._in_flight.popleft())
+
+    def teardown(self):
+        if self._calls is not None:
+            self._calls.shutdown(wait=True, cancel_futures=True)
+
+    def _outputs(self, call, window, timestamp):
+        results = call.result()
+
+        def windowed(value):
+            return WindowedValue(value, timestamp, (window,))
+
+        embedded = []
+        for row, vector, exc in results:
+            if exc is None:
+                embedded.append((row, vector))
+                continue
+            count_failure(STAGE_EMBED, "model_error")
+            yield pvalue.TaggedOutput(ERRORS, windowed(error_record(
+                row, STAGE_EMBED, "model_error",
+                f"the model failed on this image: {type(exc).__name__}: {exc}")))
+        if not embedded:
             return
-        normalized, usable = normalize_rows(np.stack([v for _, v in results]))
-        for (row, _), vector, ok in zip(results, normalized, usable):
+        normalized, usable = normalize_rows(np.stack([v for _, v in embedded]))
+        for (row, _), vector, ok in zip(embedded, normalized, usable):
             if not ok:
                 count_failure(STAGE_EMBED, "bad_vector")
-                yield pvalue.TaggedOutput(ERRORS, error_record(
+                yield pvalue.TaggedOutput(ERRORS, windowed(error_record(
                     row, STAGE_EMBED, "bad_vector",
-                    "the model returned a zero or non-finite vector for this image"))
+                    "the model returned a zero or non-finite vector for this image")))
                 continue
             self._embedded.inc()
-            yield feature_row(row, vector, self._model_info.model_id)
+            yield windowed(feature_row(row, vector, self._model_info.model_id))
 
 
 class EmbedImages(beam.PTransform):
     """Decoded rows → feature rows (main output) and embed-stage errors."""
 
-    def __init__(self, model: ResolvedModel, batch_size: int = 32, threads: int = 0):
+    def __init__(self, model: ResolvedModel, batch_size: int = 32, threads: int = 0,
+                 lanes: int = 1):
         super().__init__()
         self._model = model
         self._batch_size = batch_size
         self._threads = threads
+        self._lanes = lanes
 
     def expand(self, rows):
         return (rows
@@ -143,5 +191,5 @@ class EmbedImages(beam.PTransform):
                 | "Batch" >> beam.BatchElements(min_batch_size=self._batch_size,
                                                 max_batch_size=self._batch_size)
                 | "RunModel" >> beam.ParDo(EmbedBatchFn(self._model, self._threads,
-                                                        shared.Shared()))
+                                                        shared.Shared(), self._lanes))
                 .with_outputs(ERRORS, main="features"))

@@ -250,11 +250,16 @@ def resolve_model(name_or_handle: str, cache_dir: str | None = None,
                          dim=int(probe.shape[1]), cache_dir=cache_dir, engine=chosen)
 
 
-def load_model(resolved: ResolvedModel, threads: int = 0):
-    """Load a resolved model on a worker as a callable engine (images → features)."""
+def load_model(resolved: ResolvedModel, threads: int = 0, lanes: int = 1):
+    """Load a resolved model on a worker as a callable engine (images → features).
+
+    ``lanes`` is how many calls may run at once (TFLite: one interpreter each,
+    sharing ``threads``); the SavedModel engine always has one.
+    """
     if resolved.engine == "tflite":
         local_dir = _local_savedmodel_dir(resolved.name, resolved.handle, resolved.cache_dir)
         return engines.TfliteEngine(
-            engines.ensure_tflite(local_dir, resolved.model_id, resolved.cache_dir), threads)
+            engines.ensure_tflite(local_dir, resolved.model_id, resolved.cache_dir), threads,
+            lanes)
     return engines.SavedModelEngine(_load_by_name(resolved.name, resolved.handle,
                                                   resolved.cache_dir))
