@@ -81,7 +81,10 @@ def build_graph(p: beam.Pipeline, config: RunConfig):
         config.model, batch_size=config.batch_size, threads=config.model_threads,
         lanes=config.model_lanes)
 
-    features = (embedded.features, changed[REUSED]) | "AllFeatures" >> beam.Flatten()
+    if previous is None:  # nothing to reuse: the features are written where they are made
+        features = embedded.features
+    else:
+        features = (embedded.features, changed[REUSED]) | "AllFeatures" >> beam.Flatten()
     feature_files = features | "WriteFeatures" >> WriteFeatures(
         config.output, features_schema(config.model, config.catalog))
 

@@ -222,7 +222,7 @@ class BuildIndex(beam.PTransform):
         # Once, with every shard name as a side input: the split starts when the
         # feature files are final.
         parts = (feature_paths.pipeline
-                 | "Once" >> beam.Create([None])
+                 | "Once" >> beam.Impulse()
                  | "SplitPartitions" >> beam.ParDo(self._split,
                                                    beam.pvalue.AsList(feature_paths)))
         if self._partitioned:  # one Annoy build per partition, spread over the workers

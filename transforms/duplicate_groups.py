@@ -92,5 +92,5 @@ class WriteDuplicateGroups(beam.PTransform):
         pairs = (identical, similar) | "AllPairs" >> beam.Flatten()
         # Once, with every pair as a side input (none at all still writes the file).
         return (features.pipeline
-                | "Once" >> beam.Create([None])
+                | "Once" >> beam.Impulse()
                 | "Write" >> beam.FlatMap(write, beam.pvalue.AsList(pairs)))

@@ -190,7 +190,7 @@ class QueryNeighbors(beam.PTransform):
 
     def expand(self, indexes):
         return (indexes.pipeline
-                | "Once" >> beam.Create([None])
+                | "Once" >> beam.Impulse()
                 | "PlanShards" >> beam.FlatMap(lambda _, every: plan_shards(every),
                                                beam.pvalue.AsList(indexes))
                 | "SpreadShards" >> beam.Reshuffle()

@@ -118,7 +118,7 @@ class WriteManifest(beam.PTransform):
             yield manifest
 
         return (counts.pipeline
-                | "Once" >> beam.Create([None])
+                | "Once" >> beam.Impulse()
                 | "Write" >> beam.FlatMap(
                     write,
                     counts=beam.pvalue.AsList(counts),
