@@ -103,13 +103,13 @@ BATCHES = (1, 2, 8, 32)
 
 def raw_ceiling(model: str, engine: str, cores: int, seconds: float) -> dict:
     """Best raw throughput over batch sizes and core splits; returns every measurement."""
-    from pipeline.models.engines import preferred_lanes
+    from pipeline.models.engines import lanes_for
 
     results = {}
     for batch in BATCHES:
         results[f"1 process x {cores} threads, batch {batch}"] = measure_raw(
             model, engine, cores, batch, seconds)
-    lanes = preferred_lanes(engine, cores)
+    lanes = lanes_for(engine, cores)
     if lanes > 1:  # the in-memory pipeline's set-up: single-threaded interpreters at once
         for batch in BATCHES:
             results[f"1 process, {lanes} lanes x 1 thread, batch {batch}"] = measure_raw(

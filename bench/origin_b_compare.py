@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     if not (args.products / "catalog.csv").exists():
         print(f"no catalogue at {args.products}; pass --products", file=sys.stderr)
         return 2
-    from pipeline.models.engines import preferred_batch, preferred_lanes
+    from pipeline.models.engines import preferred_batch, lanes_for
     from pipeline.models.registry import resolve_model, savedmodel_path
     from pipeline.run import run
 
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     cores = os.cpu_count() or 1
     engine = resolve_model(args.model).engine
     batch = preferred_batch(engine)
-    lanes = preferred_lanes(engine, cores)
+    lanes = lanes_for(engine, cores)
     print(f"{n} images, model {args.model}, {args.rounds} round(s)")
     for round_no in range(1, args.rounds + 1):
         with tempfile.TemporaryDirectory(prefix="origin-b-") as tmp:

@@ -154,8 +154,7 @@ def make_config(options: PipelineOptions) -> RunConfig:
                         allow_private_hosts=opts.allow_private_hosts,
                         concurrency=opts.fetch_concurrency)
     batch_size = opts.batch_size or engines.preferred_batch(model.engine)
-    lanes = (1 if model.engine == "savedmodel"
-             else opts.model_lanes or engines.preferred_lanes(model.engine, threads))
+    lanes = engines.lanes_for(model.engine, threads, opts.model_lanes)
     settings = {
         "input": opts.input,
         "output": opts.output,

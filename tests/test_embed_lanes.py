@@ -24,9 +24,11 @@ def _pixels(seed: int) -> np.ndarray:
 
 
 def test_tflite_runs_one_single_threaded_interpreter_per_thread_by_default():
-    assert engines.preferred_lanes("tflite", 4) == 4
-    assert engines.preferred_lanes("tflite", 0) == 1
-    assert engines.preferred_lanes("savedmodel", 4) == 1
+    assert engines.lanes_for("tflite", 4) == 4
+    assert engines.lanes_for("tflite", 0) == 1
+    assert engines.lanes_for("tflite", 4, requested=1) == 1
+    # TensorFlow runs one call at a time over its own thread pools, whatever is asked.
+    assert engines.lanes_for("savedmodel", 4) == engines.lanes_for("savedmodel", 4, 3) == 1
 
 
 def test_concurrent_calls_on_lanes_give_each_caller_its_own_answer(tiny_model):

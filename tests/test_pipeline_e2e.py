@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.models.engines import preferred_batch, preferred_lanes
+from pipeline.models.engines import preferred_batch, lanes_for
 from pipeline.run import main, run
 from tests.conftest import FAMILIES, TINY_DIM, write_catalog
 
@@ -193,7 +193,7 @@ def test_model_calls_take_the_engines_measured_batch_by_default(first_run):
     assert manifest["batch_size"] == preferred_batch("tflite") == 2
     # One process uses every core, as one single-threaded interpreter per core.
     assert manifest["model_threads"] == (os.cpu_count() or 1)
-    assert manifest["model_lanes"] == preferred_lanes("tflite", manifest["model_threads"])
+    assert manifest["model_lanes"] == lanes_for("tflite", manifest["model_threads"])
 
 
 def test_model_lanes_option_is_honoured_and_checked(catalog, tiny_model, tmp_path, capsys):

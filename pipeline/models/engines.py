@@ -45,16 +45,20 @@ def preferred_batch(engine: str) -> int:
     return PREFERRED_BATCH[engine]
 
 
-def preferred_lanes(engine: str, threads: int) -> int:
-    """Model calls a worker process runs at once where --model_lanes is not given.
+def lanes_for(engine: str, threads: int, requested: int = 0) -> int:
+    """Model calls a worker process runs at once: ``requested`` (--model_lanes), or
+    where that is 0 what measured fastest.
 
     TFLite: one single-threaded interpreter per thread, measured faster than one
     interpreter using every thread (a batch of 2 leaves XNNPACK's threads waiting on
     each other: 224 against 185 images/s on 2 cores, ``bench/embed_throughput.py``,
     2026-12-01), and each lane runs while the process reads and decodes the next
-    images. TensorFlow already spreads one call over its own thread pools: one lane.
+    images. The SavedModel engine always runs one call at a time: TensorFlow spreads
+    it over its own thread pools.
     """
-    return max(1, threads) if engine == "tflite" else 1
+    if engine != "tflite":
+        return 1
+    return requested or max(1, threads)
 
 
 # uint8 pixel values → the [0, 1] floats every engine takes.
@@ -135,12 +139,11 @@ class TfliteEngine:
         per_lane = max(1, threads // self.lanes) if threads > 0 else None
         # Free interpreters. One engine per process is shared by every DoFn instance
         # and thread in it, and an interpreter must not run two calls at once.
+        interpreters = [_Interpreter(path, per_lane) for _ in range(self.lanes)]
+        self._input, self._output = interpreters[0].input, interpreters[0].output
         self._free: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(self.lanes):
-            self._free.put(_Interpreter(path, per_lane))
-        first = self._free.get()
-        self._input, self._output = first.input, first.output
-        self._free.put(first)
+        for interpreter in interpreters:
+            self._free.put(interpreter)
 
     @contextlib.contextmanager
     def _lane(self):
