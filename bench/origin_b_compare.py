@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     if not (args.products / "catalog.csv").exists():
         print(f"no catalogue at {args.products}; pass --products", file=sys.stderr)
         return 2
-    from pipeline.models.engines import preferred_batch, lanes_for
+    from pipeline.models.engines import lanes_for, preferred_batch
     from pipeline.models.registry import resolve_model, savedmodel_path
     from pipeline.run import run
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.models.engines import preferred_batch, lanes_for
+from pipeline.models.engines import lanes_for, preferred_batch
 from pipeline.run import main, run
 from tests.conftest import FAMILIES, TINY_DIM, write_catalog
 
