@@ -236,6 +236,7 @@ class SimilarityIndex:
         self._call_lock = threading.Lock()
         self._fetch_config = fetch_config
         self._fetcher = None
+        self._pool = None
         self._max_image_pixels = max_image_pixels
         searches = sorted({p.search for p in partitions}) or ["exact"]
         self.info = IndexInfo(
@@ -304,6 +305,9 @@ class SimilarityIndex:
         index._cache_dir = cache_dir
         if load_model_now:
             index.model()
+            # The decoder's module imports Apache Beam (~1 s): pay it here, not in the
+            # first request.
+            import transforms.decode  # noqa: F401
         return index
 
     def model(self) -> ResolvedModel:
@@ -380,7 +384,7 @@ class SimilarityIndex:
         pixels = [self._pixels(image) for image in images]
         self.model()
         if self._engine.name == "tflite":  # its lanes serialise calls per interpreter
-            raw = self._engine.embed_pixels(pixels)
+            raw = self._embed_on_lanes(pixels)
         else:
             with self._call_lock:
                 raw = self._engine.embed_pixels(pixels)
@@ -390,6 +394,21 @@ class SimilarityIndex:
             raise QueryError("bad_vector", "the model returned a zero or non-finite vector "
                              "for this image", "embed")
         return vectors / norms[:, None]
+
+    def _embed_on_lanes(self, pixels: list) -> np.ndarray:
+        """Several images are cut into the engine's preferred batches, run on all its
+        lanes at once (one single-threaded interpreter per core)."""
+        step = engines.preferred_batch("tflite")
+        if len(pixels) <= step or self._engine.lanes < 2:
+            return self._engine.embed_pixels(pixels)
+        with self._engine_lock:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(self._engine.lanes,
+                                                thread_name_prefix="query-lane")
+        chunks = [pixels[i:i + step] for i in range(0, len(pixels), step)]
+        return np.concatenate(list(self._pool.map(self._engine.embed_pixels, chunks)))
 
     def query_image(self, image, k: int = DEFAULT_K, partition=None,
                     min_similarity: float | None = None) -> list[dict]:
@@ -499,6 +518,8 @@ class SimilarityIndex:
         """Close pooled HTTP connections (the memory maps close with the object)."""
         if self._fetcher is not None:
             self._fetcher.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
 
 def _read_local(path: str, max_bytes: int) -> bytes:
