@@ -268,7 +268,7 @@ def main(argv=None) -> int:
               f"{result['model'][0]:.1f} ms ({result['lanes']} lanes), search alone "
               f"({result['search_method']}) p50 {result['search'][0]:.1f} ms, p95 "
               f"{result['search'][1]:.1f} ms; recall@20 vs exact {result['recall20']:.4f}")
-    print("\n| products | search | cold start (s) | first query (s) | single p50 / p95 (ms) | "
+    print("\n| products | search | cold start (s) | first query (ms) | single p50 / p95 (ms) | "
           f"batch of {args.batch} p50 / p95 per image (ms) | model alone p50 (ms) | "
           "search alone p50 (ms) | recall@20 |")
     print("|---|---|---|---|---|---|---|---|---|")
