@@ -330,3 +330,31 @@ def errors_reason(errors, product_id):
     reason = next(e["reason"] for e in errors if e["product_id"] == product_id)
     assert reason in ("corrupt", "truncated", "not_an_image")
     return reason
+
+
+def test_default_model_run_is_queried_through_tflite_without_tensorflow(tmp_path):
+    """The default model, end to end: a published run, then a fresh process that opens
+    it and looks an image up from the cached TFLite conversion, never importing TF."""
+    import subprocess
+    import sys
+
+    directory = tmp_path / "catalog"
+    catalog = write_catalog(directory, families=FAMILIES[:3], copies=2)
+    latest, manifest = _publish(catalog, tmp_path / "root", "efficientnet_lite0")
+    assert manifest["engine"] == "tflite" and manifest["input_size"] == 224
+    image = str(directory / "images" / "p01-1.jpg")
+    code = ("import json, sys\n"
+            "from pipeline.similarity_index import SimilarityIndex\n"
+            "index = SimilarityIndex.open(sys.argv[1])\n"
+            "print(json.dumps({'tf': 'tensorflow' in sys.modules, 'engine': index.info.engine,"
+            " 'top': index.query_image(sys.argv[2], k=3)}))\n")
+    out = subprocess.run([sys.executable, "-c", code, latest, image], capture_output=True,
+                         text=True, check=True, cwd=os.path.dirname(os.path.dirname(
+                             os.path.abspath(__file__))))
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["tf"] is False and result["engine"] == "tflite"
+    assert result["top"][0] == {"product_id": "p01-1", "similarity": 1.0}
+    ids, vectors = _features(latest)
+    index = SimilarityIndex.open(latest)
+    _same_lists(_pairs(index.query_image(image, k=4)),
+                _exact(ids, vectors, index.embed([image])[0], 4))
