@@ -179,6 +179,8 @@ def letterbox(img: Image.Image, size: int) -> np.ndarray:
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     """Identify the image by content and refuse oversized ones before decoding."""
+    for what, width, height in _ico_icon_sizes(data):  # Pillow decodes an ICO inside open()
+        _check_pixels(width, height, max_pixels, what)
     try:
         img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as exc:
@@ -209,22 +211,36 @@ def _check_pixels(width: int, height: int, max_pixels: int, what: str) -> None:
         )
 
 
+def _ico_icon_sizes(data: bytes) -> Iterator[tuple[str, int, int]]:
+    """Declared sizes of every icon in an ICO/CUR file, read from the raw bytes.
+
+    The directory claims at most 256×256 per icon, but each entry points to a
+    PNG or BMP carrying its own size, and Pillow decodes the first one inside
+    ``Image.open`` (a 3000×3000 BMP icon costs ~40 MB before any guard runs),
+    so every entry's embedded header is read here, before Pillow sees the file.
+    """
+    if len(data) < 6 or data[:4] not in (b"\x00\x00\x01\x00", b"\x00\x00\x02\x00"):
+        return
+    kind = "ICO" if data[2] == 1 else "CUR"
+    count = int.from_bytes(data[4:6], "little")
+    for n in range(count):
+        entry = data[6 + 16 * n:22 + 16 * n]
+        if len(entry) < 16:
+            return  # a cut directory is Pillow's to report
+        size = _embedded_icon_size(data, int.from_bytes(entry[12:16], "little"))
+        if size is not None:
+            yield f"icon {n + 1} of the {kind} file", size[0], size[1]
+
+
 def _sub_images(img: Image.Image, data: bytes) -> Iterator[tuple[str, int, int]]:
     """Declared sizes of the parts decoding allocates beyond ``img.size``, read from headers.
 
-    An ICO's directory claims at most 256×256 per icon, but the embedded PNG or
-    BMP it points to carries its own size, and that is what Pillow decodes; a
-    tiled TIFF makes libtiff allocate one whole tile per read. Both are checked
-    here, before a single pixel is decoded. (GIF and APNG frames and MPO
-    pictures after the first are never decoded; Pillow folds a first GIF frame
-    bigger than the screen into ``img.size``.)
+    A tiled TIFF makes libtiff allocate one whole tile per read, whatever the
+    image size. (ICO icons are checked before ``Image.open``; GIF and APNG
+    frames and MPO pictures after the first are never decoded, and Pillow
+    folds a first GIF frame bigger than the screen into ``img.size``.)
     """
-    if img.format in ("ICO", "CUR"):
-        for n, entry in enumerate(getattr(getattr(img, "ico", None), "entry", ())):
-            size = _embedded_icon_size(data, entry.offset)
-            if size is not None:
-                yield f"icon {n + 1} of the {img.format} file", size[0], size[1]
-    elif img.format == "TIFF":
+    if img.format == "TIFF":
         tag = getattr(img, "tag_v2", {})
         tile_w, tile_h = tag.get(322), tag.get(323)  # TileWidth, TileLength
         if isinstance(tile_w, int) and isinstance(tile_h, int):
@@ -303,17 +319,18 @@ def float_to_uint8(arr: np.ndarray) -> np.ndarray:
     """Map float samples to 0..255 by the range they are evidently stored in.
 
     Float images nominally hold 0..1, and slight over- and undershoot from
-    processing is clipped (values within -1..2). Floats that only fit 0..255
-    were stored from 8-bit data and are taken as is. Anything else (HDR
-    radiance, signed data) is stretched from its own minimum to maximum so
-    the picture stays visible. NaN becomes the low end, infinities the ends.
+    processing is clipped (values within -1..2). Non-negative floats whose
+    maximum is over 64 and at most 255 were stored from 8-bit data and are
+    taken as is. Anything else (HDR radiance, signed or 16-bit-scaled data) is
+    stretched from its own minimum to maximum so the picture stays visible.
+    NaN becomes the low end, infinities the ends.
     """
     arr = np.asarray(arr, dtype=np.float64)
     finite = arr[np.isfinite(arr)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if lo >= -1.0 and hi <= 2.0:
         lo, hi = 0.0, 1.0
-    elif lo >= 0.0 and hi <= 255.0:
+    elif lo >= 0.0 and 64.0 < hi <= 255.0:
         lo, hi = 0.0, 255.0
     elif hi == lo:
         hi = lo + 1.0
