@@ -224,6 +224,12 @@ def test_heic_without_a_decoder_gets_its_own_reason(monkeypatch):
     assert error.reason == "unsupported_heic" and "pillow-heif" in error.message
 
 
+def test_broken_heic_with_a_decoder_is_corrupt_not_unsupported():
+    data = heic_bytes()
+    error = decode_error(data[:40] + b"\x00" * 200)
+    assert error.reason in ("corrupt", "truncated") and "HEIF" in error.message
+
+
 def test_heic_over_the_pixel_limit_is_refused():
     assert decode_error(heic_bytes(), max_pixels=799).reason == "too_many_pixels"
 
@@ -263,7 +269,10 @@ def test_every_unsupported_reason_has_a_sample():
 
 
 @pytest.mark.parametrize("reason", sorted(UNSUPPORTED_SAMPLES))
-def test_unsupported_format_gets_its_own_reason(reason):
+def test_unsupported_format_gets_its_own_reason(reason, monkeypatch):
+    # As on an installation without pillow-heif, so HEIC is one of the unsupported formats.
+    monkeypatch.setattr(decode, "ALLOWED_FORMATS",
+                        tuple(f for f in decode.ALLOWED_FORMATS if f != "HEIF"))
     error = decode_error(UNSUPPORTED_SAMPLES[reason]())
     assert error.reason == reason, error.message
     assert error.message.startswith("not a supported image")

@@ -470,6 +470,9 @@ def _signature_format(data: bytes) -> str | None:
     """The format whose signature ``data`` starts with, if any."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
+    if "HEIF" in ALLOWED_FORMATS and _ftyp_brands(data) & _HEIF_BRANDS and not (
+            _ftyp_brands(data) & _AVIF_BRANDS):
+        return "HEIF"
     for magic, fmt in _SIGNATURES:
         if data.startswith(magic):
             return fmt
@@ -501,11 +504,18 @@ UNSUPPORTED_FORMATS = {
 }
 
 
+def _ftyp_brands(data: bytes) -> set[bytes]:
+    """Major and compatible brands of an ISO base media file's leading ``ftyp`` box."""
+    if data[4:8] != b"ftyp":
+        return set()
+    box = int.from_bytes(data[:4], "big")
+    return {data[i:i + 4] for i in range(8, min(max(box, 16), 64), 4)} - {b"\x00\x00\x00\x00"}
+
+
 def _unsupported_format(data: bytes, head: bytes) -> str | None:
     """The ``unsupported_<format>`` reason of a recognised image format that is not decoded."""
     if data[4:8] == b"ftyp":
-        box = int.from_bytes(data[:4], "big")
-        brands = {data[i:i + 4] for i in range(8, min(max(box, 16), 64), 4)} - {b"\x00\x00\x00\x00"}
+        brands = _ftyp_brands(data)
         if brands & _AVIF_BRANDS:
             return None  # AVIF is decoded; a damaged one is reported as corrupt by Pillow
         if brands & _HEIF_BRANDS:
