@@ -242,9 +242,9 @@ def test_random_bytes_are_not_an_image():
     assert_decode_error(np.random.default_rng(0).bytes(4096), "not_an_image")
 
 
-def test_svg_is_not_an_image_and_says_svg():
+def test_svg_is_its_own_unsupported_format_and_says_svg():
     svg = b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>'
-    assert "SVG" in assert_decode_error(svg, "not_an_image").message
+    assert "SVG" in assert_decode_error(svg, "unsupported_svg").message
 
 
 def test_html_error_page_is_not_an_image_and_says_html():

@@ -11,6 +11,7 @@ sends failures to the dead-letter output.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -25,6 +26,18 @@ try:  # libjpeg-turbo straight to numpy; Pillow decodes everything without it
 except ImportError:  # pragma: no cover - a requirement, but decoding must not depend on it
     simplejpeg = None
 
+try:  # float TIFFs (RGB, float16) that Pillow has no mode for
+    import tifffile
+except ImportError:  # pragma: no cover - a requirement; such TIFFs then get their own reason
+    tifffile = None
+
+try:  # HEIC/HEIF (phone photos); optional because its binary wheels are GPLv2 (bundled x265)
+    import pillow_heif
+except ImportError:
+    pillow_heif = None
+else:
+    pillow_heif.register_heif_opener()
+
 from transforms.errors import (ERRORS, METRICS_NAMESPACE, STAGE_DECODE, RowError, count_failure,
                               error_record)
 
@@ -36,7 +49,8 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # multi-picture files from cameras. Formats Pillow can only guess
 # heuristically (TGA) or that run external programs (EPS) are left out, so
 # random bytes are never "decoded" into a garbage picture.
-ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF", "ICO", "PPM")
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF", "ICO", "PPM") + (
+    ("HEIF",) if pillow_heif is not None else ())
 
 DEFAULT_MAX_PIXELS = 50_000_000
 WHITE = (255, 255, 255)
@@ -52,7 +66,10 @@ class DecodeError(RowError):
     """Bytes that cannot be turned into pixels; ``reason`` says why.
 
     Reasons: ``empty``, ``not_an_image``, ``too_many_pixels``, ``truncated``,
-    ``unsupported_mode`` and ``corrupt``.
+    ``unsupported_mode``, ``corrupt`` and one ``unsupported_<format>`` per
+    recognised format that is not decoded (``unsupported_svg``,
+    ``unsupported_pdf``, ``unsupported_heic``…, see ``UNSUPPORTED_FORMATS``).
+    Messages name the kind of content but never copy any of its bytes.
     """
 
 
@@ -162,22 +179,163 @@ def letterbox(img: Image.Image, size: int) -> np.ndarray:
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     """Identify the image by content and refuse oversized ones before decoding."""
+    for what, width, height in _ico_icon_sizes(data):  # Pillow decodes an ICO inside open()
+        _check_pixels(width, height, max_pixels, what)
     try:
         img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as exc:
-        raise DecodeError("too_many_pixels", f"the image is too large to decode safely: {exc}") from exc
+        raise DecodeError("too_many_pixels",
+                          f"the image is too large to decode safely: {_safe_detail(exc, data)}") from exc
     except UnidentifiedImageError as exc:
+        if _signature_format(data) == "TIFF":
+            float_tiff = _float_tiff(data, max_pixels)
+            if float_tiff is not None:
+                return float_tiff
         raise _unidentified(data) from exc
-    pixels = img.width * img.height
+    _check_pixels(img.width, img.height, max_pixels, "the image")
+    if img.width * img.height == 0:
+        raise DecodeError("corrupt", f"the {img.format} header says the image is {img.width}×{img.height}")
+    for what, width, height in _sub_images(img, data):
+        _check_pixels(width, height, max_pixels, what)
+    return img
+
+
+def _check_pixels(width: int, height: int, max_pixels: int, what: str) -> None:
+    """Raise ``too_many_pixels`` when a declared ``width``×``height`` is over the limit."""
+    pixels = width * height
     if pixels > max_pixels:
         raise DecodeError(
             "too_many_pixels",
-            f"the image is {img.width}×{img.height} = {pixels:,} pixels, more than the "
+            f"{what} is {width}×{height} = {pixels:,} pixels, more than the "
             f"limit of {max_pixels:,}; it may be a decompression bomb, or raise max_pixels",
         )
-    if pixels == 0:
-        raise DecodeError("corrupt", f"the {img.format} header says the image is {img.width}×{img.height}")
-    return img
+
+
+def _ico_icon_sizes(data: bytes) -> Iterator[tuple[str, int, int]]:
+    """Declared sizes of every icon in an ICO/CUR file, read from the raw bytes.
+
+    The directory claims at most 256×256 per icon, but each entry points to a
+    PNG or BMP carrying its own size, and Pillow decodes the first one inside
+    ``Image.open`` (a 3000×3000 BMP icon costs ~40 MB before any guard runs),
+    so every entry's embedded header is read here, before Pillow sees the file.
+    """
+    if len(data) < 6 or data[:4] not in (b"\x00\x00\x01\x00", b"\x00\x00\x02\x00"):
+        return
+    kind = "ICO" if data[2] == 1 else "CUR"
+    count = int.from_bytes(data[4:6], "little")
+    for n in range(count):
+        entry = data[6 + 16 * n:22 + 16 * n]
+        if len(entry) < 16:
+            return  # a cut directory is Pillow's to report
+        size = _embedded_icon_size(data, int.from_bytes(entry[12:16], "little"))
+        if size is not None:
+            yield f"icon {n + 1} of the {kind} file", size[0], size[1]
+
+
+def _sub_images(img: Image.Image, data: bytes) -> Iterator[tuple[str, int, int]]:
+    """Declared sizes of the parts decoding allocates beyond ``img.size``, read from headers.
+
+    A tiled TIFF makes libtiff allocate one whole tile per read, whatever the
+    image size. (ICO icons are checked before ``Image.open``; GIF and APNG
+    frames and MPO pictures after the first are never decoded, and Pillow
+    folds a first GIF frame bigger than the screen into ``img.size``.)
+    """
+    if img.format == "TIFF":
+        tag = getattr(img, "tag_v2", {})
+        tile_w, tile_h = tag.get(322), tag.get(323)  # TileWidth, TileLength
+        if isinstance(tile_w, int) and isinstance(tile_h, int):
+            yield "a tile of the TIFF file", tile_w, tile_h
+
+
+def _embedded_icon_size(data: bytes, offset: int) -> tuple[int, int] | None:
+    """Width and height an ICO entry's embedded PNG (IHDR) or BMP (DIB header) declares."""
+    head = data[offset:offset + 24]
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24:
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if len(head) >= 12:
+        width = abs(int.from_bytes(head[4:8], "little", signed=True))
+        height = abs(int.from_bytes(head[8:12], "little", signed=True)) // 2  # XOR + AND masks
+        return width, height
+    return None
+
+
+# TIFF SampleFormat (tag 339) 3 is IEEE float.
+_TIFF_FLOAT = 3
+
+
+def _float_tiff(data: bytes, max_pixels: int) -> Image.Image | None:
+    """Decode a float TIFF Pillow has no mode for (RGB, RGBA, float16…) into 8-bit RGB(A)/L(A).
+
+    Returns None for any TIFF that is not a float image, so its own error
+    stands. The pixel guard runs on the first page's header before decoding.
+    """
+    if tifffile is None:
+        return None
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            page = tif.pages.first
+            if page.sampleformat != _TIFF_FLOAT:
+                return None
+            _check_pixels(page.imagewidth, page.imagelength, max_pixels, "the image")
+            if page.is_tiled:
+                _check_pixels(page.tilewidth, page.tilelength, max_pixels, "a tile of the TIFF file")
+            try:
+                arr = page.asarray()
+            except (KeyError, ValueError) as exc:
+                if "imagecodecs" not in str(exc):
+                    raise
+                raise DecodeError(
+                    "unsupported_tiff_compression",
+                    f"the float TIFF uses {page.compression.name} compression, which this "
+                    "installation cannot decode for float pixels (tifffile needs imagecodecs)",
+                ) from exc
+            extra = len(page.extrasamples)
+    except DecodeError:
+        raise
+    except Exception as exc:  # tifffile raises many types on bad input
+        raise _classify(exc, data) from exc
+    return _float_array_to_image(arr, has_alpha=extra > 0)
+
+
+def _float_array_to_image(arr: np.ndarray, has_alpha: bool) -> Image.Image:
+    """8-bit L, LA, RGB or RGBA image from a float (H, W[, C]) array."""
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3:
+        raise DecodeError("unsupported_mode", f"cannot convert a float TIFF of shape {arr.shape} to RGB")
+    channels = arr.shape[2]
+    colour = channels - 1 if has_alpha and channels in (2, 4) else channels
+    if colour not in (1, 3):
+        colour = 3 if channels >= 3 else 1
+    out = np.empty(arr.shape[:2] + (colour + (1 if has_alpha else 0),), dtype=np.uint8)
+    out[..., :colour] = float_to_uint8(arr[..., :colour])
+    if has_alpha:
+        out[..., colour] = float_to_uint8(arr[..., colour])
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[out.shape[2]]
+    return Image.fromarray(out if out.shape[2] > 1 else out[..., 0], mode=mode)
+
+
+def float_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Map float samples to 0..255 by the range they are evidently stored in.
+
+    Float images nominally hold 0..1, and slight over- and undershoot from
+    processing is clipped (values within -1..2). Non-negative floats whose
+    maximum is over 64 and at most 255 were stored from 8-bit data and are
+    taken as is. Anything else (HDR radiance, signed or 16-bit-scaled data) is
+    stretched from its own minimum to maximum so the picture stays visible.
+    NaN becomes the low end, infinities the ends.
+    """
+    arr = np.asarray(arr, dtype=np.float64)
+    finite = arr[np.isfinite(arr)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if lo >= -1.0 and hi <= 2.0:
+        lo, hi = 0.0, 1.0
+    elif lo >= 0.0 and 64.0 < hi <= 255.0:
+        lo, hi = 0.0, 255.0
+    elif hi == lo:
+        hi = lo + 1.0
+    arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
+    return np.clip(np.rint((arr - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
 
 
 def _orientation(img: Image.Image) -> int | None:
@@ -215,14 +373,11 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
 
     Pillow's own conversion clips 16-bit values at 255, which turns almost any
     16-bit picture white; here 0..65535 maps linearly onto 0..255. Float
-    images are taken as 0..1 when they fit in it, else as 0..255.
+    images follow :func:`float_to_uint8`.
     """
     arr = np.asarray(img)
     if img.mode == "F":
-        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
-        if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
-            arr = arr * 255.0
-        out = np.clip(np.rint(arr), 0, 255)
+        out = float_to_uint8(arr)
     else:
         wide = np.clip(arr.astype(np.int64), 0, 65535)
         out = (wide * 255 + 32767) // 65535
@@ -247,18 +402,45 @@ def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
 
 _TRUNCATION_HINTS = ("truncated", "broken data stream", "unexpected end", "premature end")
 
+# A Python bytes or str literal inside an exception message (Pillow quotes chunk
+# names, tokens and header fields it read from the file this way).
+_QUOTED = re.compile(r"b?'(?:[^'\\]|\\.)*'" + r'|b?"(?:[^"\\]|\\.)*"')
+_WORD = re.compile(r"[^\s:;,()\[\]{}<>=]{4,}")
+
+
+def _safe_detail(exc: BaseException, data: bytes) -> str:
+    """``Type: message`` of a parser's exception with every piece of the file's content removed.
+
+    Decoders quote what they read ("Token too long in file header: <token>",
+    "broken PNG file (chunk b'...')"), and what they read may be a secret a
+    text file started with. Quoted literals are dropped and any word of four
+    or more characters that occurs in ``data`` is replaced by ``…``, so the
+    sentence keeps the decoder's own words and none of the input's.
+    """
+    text = _QUOTED.sub("…", str(exc))
+
+    def redact(match: re.Match) -> str:
+        word = match.group(0)
+        return "…" if word.encode("utf-8", "replace") in data else word
+
+    text = _WORD.sub(redact, text)
+    text = text if len(text) <= 160 else text[:157] + "…"
+    return f"{type(exc).__name__}: {text}" if text.strip() else type(exc).__name__
+
 
 def _classify(exc: BaseException, data: bytes) -> DecodeError:
     """Turn any exception Pillow raised into a DecodeError with a clear reason."""
-    text = str(exc) or type(exc).__name__
-    lowered = text.lower()
+    if isinstance(exc, DecodeError):
+        return exc
+    lowered = (str(exc) or type(exc).__name__).lower()
+    detail = _safe_detail(exc, data)
     if isinstance(exc, Image.DecompressionBombError):
-        return DecodeError("too_many_pixels", f"the image is too large to decode safely: {text}")
+        return DecodeError("too_many_pixels", f"the image is too large to decode safely: {detail}")
     if any(hint in lowered for hint in _TRUNCATION_HINTS) or _riff_truncated(data):
-        return DecodeError("truncated", f"the image file is truncated (incomplete download or upload?): {text}")
+        return DecodeError("truncated", f"the image file is truncated (incomplete download or upload?): {detail}")
     if isinstance(exc, MemoryError):
         return DecodeError("corrupt", "ran out of memory decoding the image; its header is probably corrupt")
-    return DecodeError("corrupt", f"the image data is corrupt and could not be decoded ({type(exc).__name__}: {text})")
+    return DecodeError("corrupt", f"the image data is corrupt and could not be decoded ({detail})")
 
 
 def _riff_truncated(data: bytes) -> bool:
@@ -288,25 +470,100 @@ def _signature_format(data: bytes) -> str | None:
     """The format whose signature ``data`` starts with, if any."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
+    if "HEIF" in ALLOWED_FORMATS and _ftyp_brands(data) & _HEIF_BRANDS and not (
+            _ftyp_brands(data) & _AVIF_BRANDS):
+        return "HEIF"
     for magic, fmt in _SIGNATURES:
         if data.startswith(magic):
             return fmt
     return None
 
 
+# ISO base media (HEIF family) brands, read from the ``ftyp`` box.
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs",
+                b"mif1", b"msf1", b"mif2"}
+_AVIF_BRANDS = {b"avif", b"avis"}
+
+# reason code -> what a person reads. Every recognised format that is not decoded has
+# its own code, so a shop can count and convert exactly those uploads.
+UNSUPPORTED_FORMATS = {
+    "unsupported_svg": "an SVG (vector) drawing; only raster images are supported",
+    "unsupported_pdf": "a PDF document",
+    "unsupported_eps": "PostScript/EPS (vector); only raster images are supported",
+    "unsupported_heic": ("a HEIC/HEIF photo, and no HEIF decoder is installed here "
+                         "(pip install pillow-heif to decode them)"),
+    "unsupported_jpeg2000": "a JPEG 2000 image, which is not decoded",
+    "unsupported_jpeg_xl": "a JPEG XL image, which is not decoded",
+    "unsupported_psd": "a Photoshop (PSD) document, which is not decoded",
+    "unsupported_icns": "a macOS icon set (ICNS), which is not decoded",
+    "unsupported_qoi": "a QOI image, which is not decoded",
+    "unsupported_dds": "a DirectDraw Surface (DDS) texture, which is not decoded",
+    "unsupported_xcf": "a GIMP (XCF) document, which is not decoded",
+    "unsupported_wmf": "a Windows metafile (WMF/EMF, vector), which is not decoded",
+    "unsupported_video": "a video (ISO media), not a still image",
+}
+
+
+def _ftyp_brands(data: bytes) -> set[bytes]:
+    """Major and compatible brands of an ISO base media file's leading ``ftyp`` box."""
+    if data[4:8] != b"ftyp":
+        return set()
+    box = int.from_bytes(data[:4], "big")
+    return {data[i:i + 4] for i in range(8, min(max(box, 16), 64), 4)} - {b"\x00\x00\x00\x00"}
+
+
+def _unsupported_format(data: bytes, head: bytes) -> str | None:
+    """The ``unsupported_<format>`` reason of a recognised image format that is not decoded."""
+    if data[4:8] == b"ftyp":
+        brands = _ftyp_brands(data)
+        if brands & _AVIF_BRANDS:
+            return None  # AVIF is decoded; a damaged one is reported as corrupt by Pillow
+        if brands & _HEIF_BRANDS:
+            return "unsupported_heic"
+        return "unsupported_video"
+    if data.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")):
+        return "unsupported_jpeg2000"
+    if data.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")):
+        return "unsupported_jpeg_xl"
+    if data.startswith(b"%PDF-"):
+        return "unsupported_pdf"
+    if data.startswith((b"%!PS", b"\xc5\xd0\xd3\xc6")):
+        return "unsupported_eps"
+    if data.startswith(b"8BPS"):
+        return "unsupported_psd"
+    if data.startswith(b"icns"):
+        return "unsupported_icns"
+    if data.startswith(b"qoif"):
+        return "unsupported_qoi"
+    if data.startswith(b"DDS "):
+        return "unsupported_dds"
+    if data.startswith(b"gimp xcf"):
+        return "unsupported_xcf"
+    if data.startswith((b"\xd7\xcd\xc6\x9a", b"\x01\x00\x09\x00")) or data[40:44] == b" EMF":
+        return "unsupported_wmf"
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head):
+        return "unsupported_svg"
+    return None
+
+
 def _unidentified(data: bytes) -> DecodeError:
-    """Explain bytes Pillow could not identify: a damaged image or no image."""
+    """Explain bytes Pillow could not identify: a damaged image, an unsupported format or no image."""
     fmt = _signature_format(data)
     if fmt is None:
-        return DecodeError("not_an_image", _not_an_image_message(data))
+        head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+        reason = _unsupported_format(data, head)
+        if reason is not None:
+            return DecodeError(reason, f"not a supported image: the content is {UNSUPPORTED_FORMATS[reason]}")
+        return DecodeError("not_an_image", f"not an image: the content {_content_kind(data, head)}")
     if fmt not in Image.OPEN:
         Image.init()
     try:  # Re-run the format's parser alone, only to learn what is wrong.
         Image.OPEN[fmt][0](io.BytesIO(data), None)
         detail = "unknown header error"
+        lowered = ""
     except Exception as exc:
-        detail = f"{type(exc).__name__}: {exc}"
-    lowered = detail.lower()
+        detail = _safe_detail(exc, data)
+        lowered = str(exc).lower()
     if any(hint in lowered for hint in _TRUNCATION_HINTS + ("requires a buffer",)) or _riff_truncated(data):
         return DecodeError(
             "truncated",
@@ -315,30 +572,33 @@ def _unidentified(data: bytes) -> DecodeError:
     return DecodeError("corrupt", f"the file starts like a {fmt} image but its header is damaged ({detail})")
 
 
-def _not_an_image_message(data: bytes) -> str:
-    """Say what the bytes look like, so a person knows where to look."""
-    head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head):
-        return "not an image Pillow can read: the content is an SVG (vector) file; only raster images are supported"
+def _content_kind(data: bytes, head: bytes) -> str:
+    """Name what non-image bytes look like, without quoting any of them.
+
+    The first bytes of a file can be a secret (a private key pasted where an
+    image belongs), so this says only which kind of content it is.
+    """
+    if head.startswith(b"-----begin "):
+        if b"private key" in head[:64]:
+            return "looks like a PEM private key (text); it is not quoted here"
+        return "looks like PEM text (a key or certificate)"
     if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in head:
-        return (
-            "not an image: the content is an HTML page (often an error or login page "
-            "served instead of the image)"
-        )
+        return "looks like an HTML page (often an error or login page served instead of the image)"
+    if head.startswith(b"<?xml") or head.startswith(b"<"):
+        return "looks like XML or markup text"
     if head.startswith((b"{", b"[")):
-        return "not an image: the content looks like JSON text"
-    sample = data[:512]
+        return "looks like JSON text"
+    if data.startswith((b"PK\x03\x04", b"\x1f\x8b", b"7z\xbc\xaf", b"Rar!")):
+        return "looks like a compressed archive (ZIP, gzip, 7z or RAR)"
+    if head.startswith(b"#!"):
+        return "looks like a script (text)"
     try:
-        text = sample.decode("utf-8")
+        text = data[:512].decode("utf-8")
     except UnicodeDecodeError:
         text = None
     if text is not None and all(ch.isprintable() or ch in "\t\r\n" for ch in text):
-        preview = text.strip().splitlines()[0][:60] if text.strip() else ""
-        return f"not an image: the content is plain text (starts with {preview!r})"
-    return (
-        "not an image: the content is not in a supported image format "
-        f"({', '.join(ALLOWED_FORMATS)})"
-    )
+        return "looks like plain text"
+    return f"is binary data in no supported image format ({', '.join(ALLOWED_FORMATS)})"
 
 
 class DecodeImageFn(beam.DoFn):
