@@ -333,8 +333,7 @@ def _not_an_image_message(data: bytes) -> str:
     except UnicodeDecodeError:
         text = None
     if text is not None and all(ch.isprintable() or ch in "\t\r\n" for ch in text):
-        preview = text.strip().splitlines()[0][:60] if text.strip() else ""
-        return f"not an image: the content is plain text (starts with {preview!r})"
+        return "not an image: the content is plain text (not quoted here: it may be a secret)"
     return (
         "not an image: the content is not in a supported image format "
         f"({', '.join(ALLOWED_FORMATS)})"
