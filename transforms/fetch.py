@@ -172,12 +172,15 @@ def parse_url(url: str) -> ParsedUrl:
         raise FetchError("forbidden_scheme", f"only http and https URLs are downloaded, not {what} ({shown})")
     if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
         raise FetchError("invalid_url", f"the URL {shown!r} is malformed: it contains whitespace or control characters")
-    if "\\" in url:
+    if "\\" in re.split(r"[?#]", url, maxsplit=1)[0]:  # in the authority or path; a query may hold one
         raise FetchError("ambiguous_url", f"the URL {shown!r} contains a backslash, which URL parsers read "
                                           "differently (as a path or as part of the host); refused")
     if not url[len(scheme) + 1:].startswith("//"):
         raise FetchError("invalid_url", f"the URL {shown!r} is malformed: no // after {scheme}:")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise FetchError("invalid_url", f"the URL {shown!r} is malformed: {exc}") from None
     authority = parts.netloc
     if "@" in authority:
         raise FetchError("credentials_in_url", f"the URL {shown!r} carries credentials (user:password@ before the "
@@ -535,9 +538,9 @@ class HttpFetcher:
             try:
                 location = response.getheader("Location")
                 if response.status in REDIRECT_STATUSES and location:
-                    if not _header_safe(location) or "\\" in location:
-                        raise FetchError("ambiguous_url", f"{shown} redirected to a Location with a backslash "
-                                                          "or control characters; refused", retries)
+                    if not _header_safe(location) or "\\" in re.split(r"[?#]", location, maxsplit=1)[0]:
+                        raise FetchError("ambiguous_url", f"{shown} redirected to a refused URL: its Location has "
+                                                          "a backslash or control characters", retries)
                     current = urljoin(f"{parsed.scheme}://{parsed.host_header}{parsed.target}", location)
                     continue
                 if response.status == 304 and conditional:
@@ -759,6 +762,9 @@ class HttpFetcher:
                 raise _Retryable("timeout", "deadline") from exc
             raise _Retryable("connection_error", f"could not download {parsed.shown}: "
                                                  f"{exc.strerror or type(exc).__name__}") from None
+        if guard.expired:  # the watchdog's shutdown ended a trickled line early: not an answer
+            response.close()
+            raise _Retryable("timeout", "deadline")
         return response
 
     # --- the body -----------------------------------------------------------------
