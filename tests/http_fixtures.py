@@ -185,6 +185,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"SECRET-BANNER sk_live_notforerrors\r\n")
         self.close_connection = True
 
+    # /redirect-with-credentials: 302 to /image.jpg on this server with user:password@ in the URL.
+    def _route_redirect_with_credentials(self, rest, hits):
+        self._redirect(f"http://shop:hunter2pw@{self.headers.get('Host')}/image.jpg")
+
     # /loop/<n>: redirects to /loop/<n+1>, without end.
     def _route_loop(self, rest, hits):
         self._redirect(f"/loop/{int(rest[0]) + 1 if rest else 1}")
