@@ -378,3 +378,97 @@ def test_text_content_is_named_but_never_quoted():
         decode_image(secret, 16)
     assert info.value.reason == "not_an_image" and "plain text" in info.value.message
     assert "wJalr" not in info.value.message and "AWS_SECRET" not in info.value.message
+
+
+# --- TLS: connect to the pinned address, verify and send SNI for the name ------------------------
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    """An HTTPS server on 127.0.0.1 with a certificate for cdn.example; records the SNI it is sent."""
+    ssl = pytest.importorskip("ssl")
+    x509 = pytest.importorskip("cryptography.x509")
+    from datetime import datetime, timedelta, timezone
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cdn.example")])
+    now = datetime.now(timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("cdn.example")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    sni_seen, hosts_seen = [], []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802
+            hosts_seen.append(self.headers.get("Host"))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(JPEG)))
+            self.end_headers()
+            self.wfile.write(JPEG)
+
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert_path, key_path)
+    server_ctx.sni_callback = lambda sock, server_name, ctx: sni_seen.append(server_name)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    httpd.socket = server_ctx.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    client_ctx = ssl.create_default_context(cafile=str(cert_path))
+    try:
+        yield httpd.server_address[1], client_ctx, sni_seen, hosts_seen
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_https_goes_to_the_pinned_address_with_the_name_in_sni_and_host(tls_server):
+    port, client_ctx, sni_seen, hosts_seen = tls_server
+    resolver, seen = Rebinding(), []
+    fetch = HttpFetcher(FetchConfig(**FAST), resolver=resolver, connector=mapped_connector(port, seen),
+                        tls_context=client_ctx)
+    assert fetch.fetch(f"https://cdn.example:{port}/a.jpg").data == JPEG
+    assert seen == [PUBLIC] and sni_seen == ["cdn.example"] and hosts_seen == [f"cdn.example:{port}"]
+
+
+def test_https_certificate_for_another_name_is_an_ssl_error(tls_server):
+    port, client_ctx, _, _ = tls_server
+    seen = []
+
+    def resolver(host, port_, type=0):
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (PUBLIC, port_))]
+
+    fetch = HttpFetcher(FetchConfig(**FAST), resolver=resolver, connector=mapped_connector(port, seen),
+                        tls_context=client_ctx)
+    error = fetch_error(fetch, f"https://other.example:{port}/a.jpg", "ssl_error")
+    assert "TLS" in error.message
+
+
+def test_kept_alive_connections_are_reused_only_for_the_same_pinned_address(http_server):
+    seen = []
+
+    def resolver(host, port, type=0):
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (PUBLIC, port))]
+
+    fetch = HttpFetcher(FetchConfig(**FAST), resolver=resolver, connector=mapped_connector(http_server.port, seen))
+    for _ in range(3):
+        assert fetch.fetch(f"http://cdn.example:{http_server.port}/image.jpg").data == JPEG
+    assert seen == [PUBLIC]  # one connection, reused
+    fetch.close()

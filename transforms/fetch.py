@@ -456,16 +456,17 @@ class HttpFetcher:
     ``setup``) and is safe to use from many threads: kept-alive connections,
     up to ``config.concurrency`` per host and address, are reused. No
     cookies, no ``~/.netrc`` and no proxy settings are ever used: requests go
-    straight to the checked address. ``resolver`` and ``connector`` can be
-    replaced (tests use this to simulate DNS answers).
+    straight to the checked address. ``resolver``, ``connector`` and
+    ``tls_context`` can be replaced (tests use this to simulate DNS answers
+    and trust a test certificate).
     """
 
     def __init__(self, config: FetchConfig | None = None, resolver: Resolver = socket.getaddrinfo,
-                 connector: Connector = connect_socket):
+                 connector: Connector = connect_socket, tls_context: ssl.SSLContext | None = None):
         self.config = config or FetchConfig()
         self._resolver = resolver
         self._connector = connector
-        self._tls = ssl.create_default_context()
+        self._tls = tls_context or ssl.create_default_context()
         self._idle: dict[tuple, list[_Connection]] = {}
         self._lock = threading.Lock()
         self._guards: set[_Guard] = set()
