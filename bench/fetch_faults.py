@@ -57,6 +57,8 @@ from urllib.parse import unquote
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_steal import StealMeter  # noqa: E402
 
 DEFAULT_PRODUCTS = REPO.parent / "shared" / "data" / "products"
 SEED = 7
@@ -423,6 +425,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="Where manifests and outputs go (default: a temporary folder).")
     parser.add_argument("--keep", action="store_true", help="Keep the work folder.")
+    parser.add_argument("--fetcher_only", action="store_true",
+                        help="Skip the pipeline runs: time the fetcher alone on both URL lists and "
+                             "check each faulty URL's outcome (a bounded run for a busy machine).")
     return parser.parse_args(argv)
 
 
@@ -481,6 +486,8 @@ def _bench(args, products: Path, work: Path, base: str) -> int:
                  ("c-raw", "faulty URLs, raw_pixels_32", faulty, raw + fetch_opts)]
 
     results = {}
+    if args.fetcher_only:
+        runs = []
     for key, label, catalogue, extra in runs:
         out = work / f"out-{key}"
         before = server_stats(base)
@@ -512,10 +519,11 @@ def _bench(args, products: Path, work: Path, base: str) -> int:
     for key, catalogue in (("b", healthy), ("c", faulty)):
         with open(catalogue, newline="") as handle:
             urls = [r["image"] for r in csv.DictReader(handle)]
-        m = measure_fetcher(urls, args.workers, 32, args.fetch_timeout, args.fetch_retries)
+        with StealMeter() as meter:
+            m = measure_fetcher(urls, args.workers, 32, args.fetch_timeout, args.fetch_retries)
         fetcher_rates[key] = m
         print(f"  ({key}) {m['urls']} URLs in {m['seconds']:.1f} s = {m['rate']:.0f} URLs/s, "
-              f"{m['mb']:.1f} MB; outcomes {m['outcomes']}")
+              f"{m['mb']:.1f} MB; outcomes {m['outcomes']}{meter.label()}")
 
     return _verify(args, results, faults, healthy_ids, ids, fetcher_rates)
 
@@ -532,8 +540,18 @@ def _verify(args, results, faults, healthy_ids, ids, fetcher_rates) -> int:
                   f"   ({m['model_name']})")
     for key, m in fetcher_rates.items():
         print(f"  ({key}) fetch stage alone (HttpFetcher): {m['rate']:.0f}")
+    if "b" in fetcher_rates and "c" in fetcher_rates:
+        print(f"  (c)/(b) fetch stage alone: {fetcher_rates['c']['rate'] / fetcher_rates['b']['rate']:.2f}")
 
     print("\nchecks")
+    expected_fetch = Counter(FAULTS[k][1] for k in faults.values() if FAULTS[k][0] == "read")
+    if "c" in fetcher_rates:
+        outcomes = Counter(fetcher_rates["c"]["outcomes"])
+        got = Counter({k: v for k, v in outcomes.items() if k != "ok"})
+        checks.check(got == expected_fetch and outcomes["ok"] == n - sum(expected_fetch.values()),
+                     f"(c) fetcher alone: each faulty URL gave its reason ({dict(got)})")
+    if "b" in fetcher_rates:
+        checks.check(fetcher_rates["b"]["outcomes"] == {"ok": n}, "(b) fetcher alone: every healthy URL fetched")
     for key, r in results.items():
         checks.check("crashed" not in r, f"({key}) completed and wrote manifest.json"
                      + (f"; it crashed: {r['crashed'][:200]}" if "crashed" in r else ""))

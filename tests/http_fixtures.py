@@ -9,11 +9,13 @@ fixture into a test module to use it.
 from __future__ import annotations
 
 import io
+import itertools
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
+from urllib.parse import unquote
 
 import pytest
 from PIL import Image
@@ -143,6 +145,50 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(block)
         self.close_connection = True
 
+    def _trickle(self, data: bytes, interval: float = 0.1):
+        """Write ``data`` one byte per ``interval`` until the client or the server gives up."""
+        stop = time.monotonic() + 20
+        for byte in itertools.cycle(data):
+            if time.monotonic() > stop or self.server.stopping.is_set():
+                break
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            time.sleep(interval)
+        self.close_connection = True
+
+    # /trickle-status: the status line, one byte every 0.1 s, never finished.
+    def _route_trickle_status(self, rest, hits):
+        self.wfile.write(b"HTTP/1.1 200 ")
+        self._trickle(b"OOOOOOOOOK")
+
+    # /trickle-headers: a status line, then header bytes one every 0.1 s, never finished.
+    def _route_trickle_headers(self, rest, hits):
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n")
+        self._trickle(b"X-Padding: slow\r\n")
+
+    # /endless-trailers: a chunked JPEG whose trailer section never ends.
+    def _route_endless_trailers(self, rest, hits):
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.wfile.write(b"%x\r\n%s\r\n0\r\n" % (len(JPEG), JPEG))
+        self._trickle(b"X-Trailer: more\r\n", interval=0.02)
+
+    # /chunked: a JPEG sent in two chunks with one trailer (a well-formed chunked answer).
+    def _route_chunked(self, rest, hits):
+        half = len(JPEG) // 2
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for part in (JPEG[:half], JPEG[half:]):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+        self.wfile.write(b"0\r\nX-Checksum: none\r\n\r\n")
+
+    # /not-http: answers with a banner that is not HTTP (and holds a "secret").
+    def _route_not_http(self, rest, hits):
+        self.wfile.write(b"SECRET-BANNER sk_live_notforerrors\r\n")
+        self.close_connection = True
+
+    # /redirect-with-credentials: 302 to /image.jpg on this server with user:password@ in the URL.
+    def _route_redirect_with_credentials(self, rest, hits):
+        self._redirect(f"http://shop:hunter2pw@{self.headers.get('Host')}/image.jpg")
+
     # /loop/<n>: redirects to /loop/<n+1>, without end.
     def _route_loop(self, rest, hits):
         self._redirect(f"/loop/{int(rest[0]) + 1 if rest else 1}")
@@ -153,7 +199,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # /redirect-to?url: 302 to any URL (for redirect-policy tests).
     def _route_redirect_to(self, rest, hits):
-        self._redirect(self.path.split("?", 1)[1])
+        self._redirect(unquote(self.path.split("?", 1)[1]))
 
 
 class _Server(ThreadingHTTPServer):

@@ -294,7 +294,7 @@ CASES = [
     bad("json-named-jpg", lambda c: c.file("api.jpg", b'{"error": "not found"}'), "decode",
         "not_an_image", "JSON"),
     # --- bad locations: read errors ----------------------------------------------
-    bad("directory", lambda c: c.folder("a-folder.jpg"), "read", "unreadable", "directory"),
+    bad("directory", lambda c: c.folder("a-folder.jpg"), "read", "is_directory", "directory"),
     bad("missing-file", lambda c: "images/does-not-exist.jpg", "read", "missing_file",
         "does-not-exist.jpg", "does not exist"),
     bad("over-byte-limit", lambda c: c.file("huge.jpg", REFERENCE_JPEG + b"\x00" * MAX_IMAGE_BYTES),

@@ -6,7 +6,6 @@ import socket
 import time
 
 import pytest
-import urllib3.util.connection
 
 from tests.http_fixtures import HTML, JPEG, http_server  # noqa: F401 (fixture)
 from transforms.decode import DecodeError, decode_image
@@ -46,7 +45,10 @@ def no_connections(monkeypatch):
         attempts.append(address)
         raise AssertionError(f"unexpected connection to {address}")
 
-    monkeypatch.setattr(urllib3.util.connection, "create_connection", refuse)
+    def refuse_connect(sock, address):
+        refuse(address)
+
+    monkeypatch.setattr(socket.socket, "connect", refuse_connect)
     monkeypatch.setattr(socket, "create_connection", refuse)
     return attempts
 

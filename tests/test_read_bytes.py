@@ -8,7 +8,6 @@ import os
 
 import apache_beam as beam
 import pytest
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
@@ -111,7 +110,7 @@ def test_local_files_urls_and_failures_each_end_in_one_output(files, http_server
     ]
     expected_errors = [
         failed("missing", "missing_file"),
-        failed("dir", "unreadable"),
+        failed("dir", "is_directory"),
         failed("file-url", "forbidden_scheme"),
         failed("ftp", "forbidden_scheme"),
         failed("url-404", "http_404"),
@@ -124,7 +123,7 @@ def test_local_files_urls_and_failures_each_end_in_one_output(files, http_server
     assert counters["read_failed_missing_file"] == 2
     assert counters["read_failed_forbidden_scheme"] == 2
     assert counters["read_failed_http_404"] == 1
-    assert counters["read_failed_unreadable"] == 1
+    assert counters["read_failed_is_directory"] == 1
 
 
 def test_many_rows_with_small_concurrency_are_all_emitted_once(http_server, tmp_path):
@@ -191,7 +190,7 @@ def test_fast_local_files_are_read_inline_and_slow_ones_overlap(monkeypatch, tmp
     path.write_bytes(JPEG)
     threads, delay = [], [0.0]
 
-    def timed_read(location, max_bytes):
+    def timed_read(location, max_bytes, timeout=None):
         threads.append(threading.current_thread().name)
         time.sleep(delay[0])
         return JPEG
@@ -228,7 +227,7 @@ def test_permission_error_from_the_filesystem_is_unreadable(monkeypatch, files):
     def refuse(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", path)
 
-    monkeypatch.setattr(FileSystems, "open", staticmethod(refuse))
+    monkeypatch.setattr(os, "open", refuse)
     with pytest.raises(RowError) as info:
         read_file_bytes(str(files / "good.jpg"), 1000)
     assert info.value.reason == "unreadable" and "permission" in info.value.message

@@ -48,12 +48,15 @@ def error_record(row: Mapping[str, Any], stage: str, reason: str, message: str) 
 
     The record carries what a person needs to find and fix the input: the
     product id, the image location, the stage, a reason code and a sentence.
+    The location is stored without URL credentials or inline data: content.
     """
+    from transforms.locations import redact_location
+
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
     return {
         "product_id": None if row.get("product_id") is None else str(row.get("product_id")),
-        "image": row.get("image"),
+        "image": redact_location(row.get("image")),
         "stage": stage,
         "reason": reason,
         "error": message,
