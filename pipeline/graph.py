@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 
-from pipeline import files
+from pipeline import files, progress
 from pipeline.models.registry import ResolvedModel
 from transforms import count_rows
 from transforms.build_index import BuildIndex
@@ -21,6 +21,7 @@ from transforms.deduplicate import REMOVED, DeduplicateProductIds
 from transforms.embed import EmbedImages
 from transforms.errors import ERRORS
 from transforms.fetch import FetchConfig
+from transforms.progress_tick import count_as, count_failures
 from transforms.duplicate_groups import WriteDuplicateGroups
 from transforms.query_neighbors import NEAR_DUPLICATES, QueryNeighbors
 from transforms.read_bytes import ReadImageBytesFn
@@ -96,6 +97,15 @@ def build_graph(p: beam.Pipeline, config: RunConfig):
                        files.join(config.output, ERRORS_DIR, "errors"),
                        file_name_suffix=".jsonl"))
 
+    # Live progress: side branches that count rows per stage (see pipeline.progress).
+    _ = rows | "ProgressRead" >> count_as(progress.READ)
+    _ = read.rows | "ProgressFetched" >> count_as(progress.FETCHED)
+    _ = decoded.rows | "ProgressDecoded" >> count_as(progress.DECODED)
+    _ = embedded.features | "ProgressEmbedded" >> count_as(progress.EMBEDDED)
+    _ = changed[REUSED] | "ProgressReused" >> count_as(progress.REUSED)
+    _ = errors | "ProgressFailed" >> count_failures()
+    _ = feature_files | "ProgressFeatureFiles" >> count_as(progress.FEATURE_FILES)
+
     written = [error_files]  # outputs that must be final before the manifest says so
     if config.features_only:
         # No index and no neighbours: the manifest waits for the feature files.
@@ -112,6 +122,7 @@ def build_graph(p: beam.Pipeline, config: RunConfig):
         groups = ((features, queried[NEAR_DUPLICATES])
                   | "DuplicateGroups" >> WriteDuplicateGroups(config.output))
         shards = queried.shards
+        _ = shards | "ProgressShards" >> count_as(progress.NEIGHBOR_SHARDS)
         written.append(groups)
 
     counts = {count_rows.INPUT: rows, count_rows.EMBEDDED: features,

@@ -122,6 +122,18 @@ class SimilarityOptions(PipelineOptions):
                             help="Allow image URLs on loopback/private/link-local hosts "
                             "(refused by default so a catalogue cannot reach internal "
                             "services).")
+        parser.add_argument("--log_level", default=None,
+                            choices=("debug", "info", "warning", "error"),
+                            help="Show log records of this level and above from every "
+                            "library, TensorFlow and Beam included (default: our warnings "
+                            "and errors, other libraries' errors only).")
+        parser.add_argument("-v", "--verbose", action="store_true", default=False,
+                            help="Same as --log_level=info.")
+        parser.add_argument("--no_progress", action="store_true", default=False,
+                            help="No live progress display while the job runs.")
+        parser.add_argument("--progress_interval", type=float, default=30.0,
+                            help="Seconds between progress lines when stderr is not a "
+                            "terminal (on a terminal one line updates in place).")
         parser.add_argument("--model_cache_dir", default=None,
                             help="Where converted offline models are cached (default: "
                             "$SIMILARITY_CACHE_DIR or ~/.cache/visual-similarity/models).")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import calendar
 import os
 import shutil
+import socket
 import posixpath
 import time
 import uuid
@@ -49,7 +50,8 @@ def run_dir(root: str, run_id: str) -> str:
 def mark_incomplete(directory: str, run_id: str) -> None:
     """Mark a run as in progress before it writes anything else."""
     files.write_json(files.join(directory, INCOMPLETE),
-                     {"run_id": run_id, "started_at": time.time(), "pid": os.getpid()})
+                     {"run_id": run_id, "started_at": time.time(), "pid": os.getpid(),
+                      "host": socket.gethostname()})
 
 
 def resolve_run(path: str) -> str:

@@ -8,18 +8,24 @@ prints where the outputs are with a short summary.
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
-import time
-from importlib import metadata
 
-import apache_beam as beam
+if __name__ == "__main__":  # before Beam's and TensorFlow's imports, which log
+    from pipeline import logs as _early_logs
+
+    _early_logs.quiet_startup()
+
+import os  # noqa: E402
+import time  # noqa: E402
+from importlib import metadata  # noqa: E402
+
+import apache_beam as beam  # noqa: E402
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions,
-                                                  StandardOptions)
+from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions,  # noqa: E402
+                                                  StandardOptions, WorkerOptions)
 
-from pipeline import files, publish
+from pipeline import cli, files, logs, publish  # noqa: E402
+from pipeline.run_progress import RunProgress, expected_rows  # noqa: E402
 from pipeline.local_runner import is_direct, runner_for
 from pipeline.graph import ERRORS_DIR, RunConfig, build_graph
 from pipeline.models import engines
@@ -195,24 +201,68 @@ def make_config(options: PipelineOptions) -> RunConfig:
                      model_lanes=lanes)
 
 
-def summarize(manifest: dict) -> str:
-    """A few lines a person reads after the run."""
+def _phase_line(phases: dict) -> str | None:
+    """``start-up 1.2 s · embedding 14.0 s · …`` from phase start offsets (seconds)."""
+    if not phases:
+        return None
+    order = sorted(phases.items(), key=lambda item: item[1])
+    end = phases.get("done", order[-1][1])
+    parts = []
+    for (name, start), (_, following) in zip(order, order[1:] + [("done", end)]):
+        if name != "done" and following >= start:
+            parts.append(f"{name} {following - start:.1f} s")
+    return " · ".join(parts) or None
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["    " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+
+
+def summarize(manifest: dict, phases: dict | None = None, evaluation: dict | None = None) -> str:
+    """The compact table a person reads after the run: counts, top failures, phase
+    times, search and recall, precision when evaluated, and where LATEST points."""
     counts = manifest["counts"]
     timings = manifest["timings"]
     lines = [
         f"Done in {timings['wall_seconds']:.1f} s ({timings['images_per_second']} images/s) "
-        f"with {manifest['model']} ({manifest['dim']}-d).",
-        f"  input rows: {counts['input']}   embedded: {counts['embedded']}   "
-        f"failed: {counts['failed']}",
+        f"with {manifest['model']} ({manifest['dim']}-d, {manifest.get('engine', '?')}).",
     ]
-    for reason, count in counts["failed_by_reason"].items():
-        lines.append(f"    {count} × {reason}")
-    if counts.get("reused") or counts.get("removed"):
-        lines.append(f"  reused from the previous run: {counts['reused']}   newly embedded: "
-                     f"{counts['newly_embedded']}   removed: {counts['removed']}")
+    header = ("input", "embedded", "reused", "new", "removed", "failed")
+    values = tuple(str(counts.get(key, 0)) for key in
+                   ("input", "embedded", "reused", "newly_embedded", "removed", "failed"))
+    lines += ["  rows"] + _table([header, values])
+    failures = sorted(counts.get("failed_by_reason", {}).items(), key=lambda kv: (-kv[1], kv[0]))
+    if failures:
+        shown = ", ".join(f"{count} × {reason}" for reason, count in failures[:5])
+        more = f", … {len(failures) - 5} more reasons" if len(failures) > 5 else ""
+        lines.append(f"  failures  {shown}{more}")
+    phase_line = _phase_line(phases or {})
+    if phase_line:
+        lines.append(f"  phases    {phase_line}")
+    index_bits = [f"index build {timings['index_build_seconds']} s"
+                  if timings.get("index_build_seconds") is not None else None,
+                  f"queries {timings['query_seconds_total']} s (all workers)"
+                  if timings.get("query_seconds_total") is not None else None]
+    if any(index_bits):
+        lines.append("  search    " + ", ".join(b for b in index_bits if b))
     if "neighbors" in manifest:
-        lines.append(f"  neighbours: {manifest['neighbors']['products']} products, top "
+        lines.append(f"  neighbours {manifest['neighbors']['products']} products, top "
                      f"{manifest['top_k']} ({manifest['index']['search']} search)")
+    recall = manifest.get("recall")
+    if isinstance(recall, dict) and recall.get("estimate") is not None:
+        target = recall.get("target")
+        low = target is not None and recall["estimate"] < target
+        lines.append(f"  recall    @{manifest['top_k']} estimate {recall['estimate']:.4f} on "
+                     f"{recall.get('sample', '?')} products"
+                     + (f" (target {target})" if target is not None else "")
+                     + ("  BELOW TARGET" if low else ""))
+    if evaluation:
+        label = evaluation.get("label_column") or "label"
+        precision = {k: v for k, v in evaluation.items() if k.startswith("precision@")
+                     and k.endswith("_published")}
+        for key, value in precision.items():
+            lines.append(f"  precision {key.split('_')[0]} by {label}: {value}")
     out = manifest["run_dir"]
     lines += [
         f"Outputs in {out}:",
@@ -221,7 +271,8 @@ def summarize(manifest: dict) -> str:
         f"  {files.join(out, FEATURES_DIR)}/  embeddings (Parquet)",
         f"  {files.join(out, ERRORS_DIR)}/  one line per failed row",
         f"  {files.join(out, MANIFEST_FILE)}",
-        f"Published: {files.join(manifest['output'], publish.LATEST)} now points to this run",
+        f"Published: {files.join(manifest['output'], publish.LATEST)} -> "
+        f"{publish.RUNS_DIR}/{manifest['run_id']} (LATEST now points to this run)",
     ]
     return "\n".join(lines)
 
@@ -237,40 +288,99 @@ def evaluate_published_run(run_dir: str, opts: SimilarityOptions) -> dict:
     return result
 
 
+def _log_level(opts: SimilarityOptions) -> str:
+    return logs.level_from(opts.log_level, opts.verbose)
+
+
+def _quiet_workers(options: PipelineOptions, level: str) -> None:
+    """Worker processes log at the run's level unless the user set Beam's own option."""
+    worker = options.view_as(WorkerOptions)
+    if worker.default_sdk_harness_log_level is None:
+        worker.default_sdk_harness_log_level = logs.worker_log_level(level)
+
+
+def _start_progress(options: PipelineOptions, opts: SimilarityOptions,
+                    config: RunConfig) -> RunProgress:
+    """Live progress for local runners (worker status files cannot reach us from remote ones)."""
+    enabled = not opts.no_progress and is_direct(options)
+    total, exact = (expected_rows(config.catalog.kind, config.catalog.input) if enabled
+                    else (None, False))
+    return RunProgress(enabled, total, exact, max(0.5, opts.progress_interval))
+
+
 def run(argv=None, test_pipeline=None) -> dict:
     """Run the job with command-line ``argv``; returns the written manifest.
 
     The run writes ``ROOT/runs/<run_id>/`` (marked INCOMPLETE while it runs);
     only when it finished and its files match its manifest does ``ROOT/LATEST``
     move to it. ``test_pipeline`` lets tests pass Beam's ``TestPipeline``.
+    The returned manifest also holds ``launcher_phases`` (seconds from start at
+    which each phase was first seen), which is not written to manifest.json.
     """
+    started = time.monotonic()
     options = PipelineOptions(argv)
     opts = options.view_as(SimilarityOptions)
-    config = make_config(options)
+    level = _log_level(opts)
+    _quiet_workers(options, level)
+    # Importing TensorFlow and converting a model print native INFO lines.
+    with logs.native_noise_filtered(enabled=level not in ("debug", "info")):
+        config = make_config(options)
     prepare_output(config.output)
     publish.mark_incomplete(config.output, config.settings["run_id"])
     pipeline = (test_pipeline if test_pipeline is not None
                 else beam.Pipeline(runner=runner_for(options), options=options))
     build_graph(pipeline, config)
-    result = pipeline.run()
-    result.wait_until_finish()
-    if opts.eval_label_column and not opts.features_only:
-        evaluate_published_run(config.output, opts)
-    publish.publish(opts.output, config.settings["run_id"])
-    publish.prune_runs(opts.output, opts.keep_runs, config.settings["run_id"],
-                       config.started_at)
-    return files.read_json(files.join(config.output, MANIFEST_FILE))
+    progress = _start_progress(options, opts, config)
+    pipeline_started = time.monotonic() - started
+    phases = {}
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+        progress.set_phase("publishing")
+        if opts.eval_label_column and not opts.features_only:
+            evaluate_published_run(config.output, opts)
+        publish.publish(opts.output, config.settings["run_id"])
+        publish.prune_runs(opts.output, opts.keep_runs, config.settings["run_id"],
+                           config.started_at)
+    finally:
+        phases = progress.close()
+    manifest = files.read_json(files.join(config.output, MANIFEST_FILE))
+    offsets = {"start-up": 0.0}
+    offsets.update({name: pipeline_started + t for name, t in phases.items()
+                    if name != "starting"})
+    offsets["done"] = time.monotonic() - started
+    manifest["launcher_phases"] = offsets
+    return manifest
 
 
 def main(argv=None) -> int:
-    """Console entry: run, print the summary, and turn user errors into one line + exit 2."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    """Console entry: run, print the summary, and turn user errors into one line + exit 2.
+
+    ``--help`` prints the options grouped by concern; an argument that neither
+    our options nor Beam's know is one line and exit 2 before anything starts.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(cli.help_text())
+        return 0
+    logs.quiet_startup(argv)
+    problem = cli.unknown_option_error(argv)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         manifest = run(argv)
     except (CatalogError, ModelLoadError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(summarize(manifest))
+    evaluation = None
+    if manifest.get("eval_label_column") or "--eval_label_column" in " ".join(argv):
+        from pipeline.evaluate import EVALUATION_FILE
+
+        path = files.join(manifest["run_dir"], EVALUATION_FILE)
+        if FileSystems.exists(path):
+            evaluation = files.read_json(path)
+    print(summarize(manifest, manifest.get("launcher_phases"), evaluation))
     return 0
 
 

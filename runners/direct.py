@@ -18,7 +18,12 @@ import argparse
 import os
 import sys
 
-from pipeline.run import main as run_main
+if __name__ == "__main__":  # before Beam's and TensorFlow's imports, which log
+    from pipeline import logs as _early_logs
+
+    _early_logs.quiet_startup()
+
+from pipeline.run import main as run_main  # noqa: E402
 
 
 def direct_args(argv: list[str]) -> list[str]:

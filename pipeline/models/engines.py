@@ -18,6 +18,7 @@ import queue
 
 import numpy as np
 
+from pipeline import logs
 from pipeline.models import cache
 
 ENGINES = ("auto", "tflite", "savedmodel")
@@ -107,6 +108,9 @@ class _Interpreter:
 
     def __init__(self, path: str, threads: int | None):
         self.interpreter = _interpreter_class()(model_path=path, num_threads=threads)
+        # The first allocation creates the XNNPACK delegate (and prints its INFO line,
+        # filtered by the caller), so do it here rather than in the first batch.
+        self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self._batch = None
@@ -139,7 +143,9 @@ class TfliteEngine:
         per_lane = max(1, threads // self.lanes) if threads > 0 else None
         # Free interpreters. One engine per process is shared by every DoFn instance
         # and thread in it, and an interpreter must not run two calls at once.
-        interpreters = [_Interpreter(path, per_lane) for _ in range(self.lanes)]
+        # TFLite prints an INFO line per interpreter on stderr whatever the log level.
+        with logs.native_noise_filtered():
+            interpreters = [_Interpreter(path, per_lane) for _ in range(self.lanes)]
         self._input, self._output = interpreters[0].input, interpreters[0].output
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         for interpreter in interpreters:

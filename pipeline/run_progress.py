@@ -1,0 +1,184 @@
+"""The launcher's side of live progress: one updating line on a terminal, log lines elsewhere.
+
+Sums the worker status files of :mod:`pipeline.progress` while the job runs.
+On a terminal it draws one tqdm line (phase, rows by stage, images per second,
+ETA against the catalogue size); without one (cron, CI, Dataflow logs) it
+prints a plain ``progress:`` line every ``interval`` seconds. Stopping it
+prints a last line from the final counts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline import progress
+
+_HEAD_BYTES = 1 << 20
+
+
+def expected_rows(kind: str, path: str) -> tuple[int | None, bool]:
+    """(catalogue rows, exact?) known at start-up: exact for Parquet and globs,
+    estimated from the first MiB for CSV and JSONL, None when it cannot be told."""
+    try:
+        if kind == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            with FileSystems.open(path) as handle:
+                return pq.ParquetFile(pa.PythonFile(handle, mode="r")).metadata.num_rows, True
+        if kind == "glob":
+            return len(FileSystems.match([path])[0].metadata_list), True
+        size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+        with FileSystems.open(path) as handle:
+            head = handle.read(_HEAD_BYTES)
+        if not head:
+            return 0, True
+        text = head.decode("utf-8", "replace")
+        if len(head) < _HEAD_BYTES:  # the whole file: count it
+            body = text
+        else:  # drop the last, probably partial, record
+            body = text[: text.rfind("\n") + 1]
+        if kind == "csv":
+            records = sum(1 for _ in csv.reader(io.StringIO(body))) - 1
+        else:
+            records = sum(1 for line in body.split("\n") if line.strip())
+        if len(head) < _HEAD_BYTES:
+            return max(records, 0), True
+        return (int(records * size / max(len(body.encode("utf-8")), 1)) if records > 0
+                else None), False
+    except Exception:  # noqa: BLE001 - an estimate must never stop a run
+        return None, False
+
+
+class ProgressReporter:
+    """Shows progress from the status files in ``directory`` until :meth:`stop`."""
+
+    def __init__(self, directory: str, total: int | None, interval: float = 30.0,
+                 stream=None, tty: bool | None = None, exact_total: bool = True):
+        self.directory = directory
+        self.total = total
+        self.exact_total = exact_total
+        self.interval = interval
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.started = time.monotonic()
+        self.phase: str | None = None
+        self.phase_started: dict[str, float] = {}
+        self.lines_printed = 0
+        self._history: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._bar = None
+
+    def start(self) -> "ProgressReporter":
+        """Start drawing in a daemon thread."""
+        if self.tty:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total, file=self.stream, unit="img",
+                             dynamic_ncols=True, leave=True, mininterval=0.2,
+                             bar_format="{desc} {percentage:3.0f}%|{bar:16}| {n_fmt}/"
+                             "{total_fmt} [{elapsed}<{remaining}, {rate_fmt}] {postfix}")
+        self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def set_phase(self, phase: str) -> None:
+        """Force the phase shown (the launcher knows when publishing starts)."""
+        self.phase = phase
+
+    def current(self) -> progress.Snapshot:
+        """The state now, from the status files."""
+        counts = progress.read_counts(self.directory)
+        now = time.monotonic()
+        snap = progress.snapshot(counts, now - self.started, self.total, self.phase)
+        self._history.append((now, snap.done))
+        self._history = [h for h in self._history if now - h[0] <= 15.0] or self._history[-1:]
+        t0, d0 = self._history[0]
+        if now - t0 >= 1.0 and snap.done > d0:
+            snap.rate = (snap.done - d0) / (now - t0)
+        elif snap.elapsed > 0 and snap.done:
+            snap.rate = snap.done / snap.elapsed
+        if snap.rate and self.total and snap.phase in ("reading", "embedding"):
+            snap.eta = max(0.0, (self.total - snap.done) / snap.rate)
+        self.phase_started.setdefault(snap.phase, snap.elapsed)
+        return snap
+
+    def _draw(self, snap: progress.Snapshot) -> None:
+        if self._bar is not None:
+            self._bar.set_description_str(f"[{snap.phase}]", refresh=False)
+            c = snap.counts
+            failed = sum(snap.failed_by_stage.values())
+            self._bar.set_postfix_str(
+                f"read {c.get(progress.READ, 0)} fetched {c.get(progress.FETCHED, 0)} "
+                f"decoded {c.get(progress.DECODED, 0)} reused {c.get(progress.REUSED, 0)} "
+                f"failed {failed}", refresh=False)
+            self._bar.n = snap.done
+            self._bar.refresh()
+        else:
+            line = progress.format_line(snap)
+            if self.total is not None and not self.exact_total:
+                line = line.replace(f"/{self.total}", f"/~{self.total}", 1)
+            print(f"progress: {line}", file=self.stream, flush=True)
+            self.lines_printed += 1
+
+    def _loop(self) -> None:
+        wait = 0.25 if self.tty else self.interval
+        while not self._stop.wait(wait):
+            try:
+                self._draw(self.current())
+            except Exception:  # noqa: BLE001 - progress must never break a run
+                pass
+
+    def stop(self, final: bool = True) -> progress.Snapshot | None:
+        """Stop drawing; with ``final``, show one last line from the final counts."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        snap = None
+        if final:
+            snap = self.current()
+            self._draw(snap)
+        if self._bar is not None:
+            self._bar.close()
+        return snap
+
+
+class RunProgress:
+    """A progress directory for one run, exported to this process's workers."""
+
+    def __init__(self, enabled: bool, total: int | None, exact_total: bool, interval: float):
+        self.enabled = enabled
+        self.directory = tempfile.mkdtemp(prefix="similarity-progress-")
+        self._previous_env = os.environ.get(progress.ENV_DIR)
+        os.environ[progress.ENV_DIR] = self.directory
+        self.reporter = (ProgressReporter(self.directory, total, interval,
+                                          exact_total=exact_total).start()
+                         if enabled else None)
+
+    def set_phase(self, phase: str) -> None:
+        """Show ``phase`` from now on."""
+        if self.reporter is not None:
+            self.reporter.set_phase(phase)
+
+    def close(self, final: bool = True) -> dict:
+        """Stop the display, forget the directory; returns the launcher-seen phase start times."""
+        phases = {}
+        if self.reporter is not None:
+            self.reporter.stop(final=final)
+            phases = dict(self.reporter.phase_started)
+        if self._previous_env is None:
+            os.environ.pop(progress.ENV_DIR, None)
+        else:
+            os.environ[progress.ENV_DIR] = self._previous_env
+        shutil.rmtree(self.directory, ignore_errors=True)
+        return phases
