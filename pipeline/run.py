@@ -262,7 +262,7 @@ def summarize(manifest: dict, phases: dict | None = None, evaluation: dict | Non
         precision = {k: v for k, v in evaluation.items() if k.startswith("precision@")
                      and k.endswith("_published")}
         for key, value in precision.items():
-            lines.append(f"  precision {key.split('_')[0]} by {label}: {value}")
+            lines.append(f"  {key.split('_')[0]} by {label}: {value}")
     out = manifest["run_dir"]
     lines += [
         f"Outputs in {out}:",

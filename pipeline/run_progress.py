@@ -84,8 +84,12 @@ class ProgressReporter:
         if self.tty:
             from tqdm import tqdm
 
+            # A pseudo-terminal without a size reports 0 x 0, which tqdm draws as
+            # nothing: fall back to a usual size.
+            size = shutil.get_terminal_size((120, 24))
             self._bar = tqdm(total=self.total, file=self.stream, unit="img",
-                             dynamic_ncols=True, leave=True, mininterval=0.2,
+                             ncols=size.columns or 120, nrows=size.lines or 24, leave=True,
+                             mininterval=0.2,
                              bar_format="{desc} {percentage:3.0f}%|{bar:16}| {n_fmt}/"
                              "{total_fmt} [{elapsed}<{remaining}, {rate_fmt}] {postfix}")
         self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
