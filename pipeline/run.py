@@ -19,7 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions,
                                                   StandardOptions)
 
-from pipeline import files, publish
+from pipeline import dry_run, files, publish
 from pipeline.local_runner import is_direct, runner_for
 from pipeline.graph import ERRORS_DIR, RunConfig, build_graph
 from pipeline.models import engines
@@ -247,6 +247,10 @@ def run(argv=None, test_pipeline=None) -> dict:
     options = PipelineOptions(argv)
     opts = options.view_as(SimilarityOptions)
     config = make_config(options)
+    if dry_run.requested(options):  # build the job only: no run directory, nothing published
+        pipeline = beam.Pipeline(runner=runner_for(options), options=options)
+        build_graph(pipeline, config)
+        return dry_run.build_job(pipeline, options, config.settings)
     prepare_output(config.output)
     publish.mark_incomplete(config.output, config.settings["run_id"])
     pipeline = (test_pipeline if test_pipeline is not None
@@ -270,7 +274,7 @@ def main(argv=None) -> int:
     except (CatalogError, ModelLoadError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(summarize(manifest))
+    print(dry_run.describe(manifest) if manifest.get("dry_run") else summarize(manifest))
     return 0
 
 
