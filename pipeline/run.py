@@ -19,7 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions,
                                                   StandardOptions)
 
-from pipeline import dry_run, files, publish
+from pipeline import dry_run, files, object_store, publish
 from pipeline.local_runner import is_direct, runner_for
 from pipeline.graph import ERRORS_DIR, RunConfig, build_graph
 from pipeline.models import engines
@@ -246,6 +246,7 @@ def run(argv=None, test_pipeline=None) -> dict:
     """
     options = PipelineOptions(argv)
     opts = options.view_as(SimilarityOptions)
+    object_store.preflight(options)  # gs:// unreachable: one line in seconds, not minutes
     config = make_config(options)
     if dry_run.requested(options):  # build the job only: no run directory, nothing published
         pipeline = beam.Pipeline(runner=runner_for(options), options=options)
@@ -271,7 +272,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         manifest = run(argv)
-    except (CatalogError, ModelLoadError, UsageError) as exc:
+    except (CatalogError, ModelLoadError, UsageError, object_store.ObjectStoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(dry_run.describe(manifest) if manifest.get("dry_run") else summarize(manifest))

@@ -226,7 +226,7 @@ class _TokenHandler(http.server.BaseHTTPRequestHandler):
 
 
 class TokenServer:
-    """An OAuth2 token endpoint on 127.0.0.1 for an ``authorized_user`` credential file.
+    """An OAuth2 token endpoint on 127.0.0.1 for a test service-account key file.
 
     ``refuse=True`` answers every refresh with ``invalid_grant`` (a revoked
     credential). :meth:`write_credentials` writes the file to point
@@ -254,9 +254,21 @@ class TokenServer:
         return self.server.requests
 
     def write_credentials(self, path: Path) -> Path:
-        """An ``authorized_user`` ADC file whose token endpoint is this server."""
+        """A ``service_account`` key file (fresh RSA key) whose token endpoint is this server.
+
+        google-auth always sends ``authorized_user`` refreshes to Google, but
+        honours a service account key's ``token_uri``.
+        """
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
         path.write_text(json.dumps({
-            "type": "authorized_user", "client_id": "test-client", "client_secret": "test",
-            "refresh_token": "test-refresh",
-            "token_uri": f"http://127.0.0.1:{self.server.server_address[1]}/token"}))
+            "type": "service_account", "project_id": "test-project",
+            "private_key_id": "test", "private_key": pem,
+            "client_email": "runner@test-project.iam.gserviceaccount.com",
+            "client_id": "1", "token_uri":
+                f"http://127.0.0.1:{self.server.server_address[1]}/token"}))
         return path
