@@ -76,3 +76,53 @@ def test_portable_runner_matches_direct_runner_on_full_and_incremental_runs(tmp_
     assert got["counts"]["newly_embedded"] == 2
     assert_same_outputs(direct_root / "runs" / "r2", portable_root / "runs" / "r2")
     assert (portable_root / "LATEST").resolve() == (portable_root / "runs" / "r2").resolve()
+
+
+def _sdist_venv(tmp: Path) -> Path:
+    """A venv holding this package installed from the sdist ``--setup_file`` builds.
+
+    The venv sees the global site-packages for the dependencies (a full
+    install of TensorFlow & co. takes minutes), but the project itself comes
+    only from the sdist: not from the checkout, not from an editable install.
+    """
+    import subprocess
+    import sys
+    import venv
+
+    from tests.beam_services import REPO
+
+    dist = tmp / "dist"
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(dist)], cwd=REPO,
+                   check=True, capture_output=True, timeout=120)
+    shutil.rmtree(REPO / "visual_similarity_pipeline.egg-info", ignore_errors=True)
+    [sdist] = dist.glob("*.tar.gz")
+    env_dir = tmp / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
+                    "--no-deps", "--no-build-isolation", str(sdist)],
+                   check=True, capture_output=True, timeout=300, cwd=tmp)
+    return python
+
+
+def test_worker_installed_only_from_the_setup_file_sdist(tmp_path):
+    import os
+    import subprocess
+
+    python = _sdist_venv(tmp_path)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = subprocess.run([str(python), "-c", "import pipeline, transforms; "
+                            "print(pipeline.__file__); print(transforms.__file__)"],
+                           cwd=outside, env=env, capture_output=True, text=True, check=True)
+    assert all(line.startswith(str(tmp_path / "venv")) for line in where.stdout.split())
+
+    catalog = write_catalog(tmp_path / "catalog", bad={"bad-1": b"\xff\xd8 truncated"})
+    common = [f"--input={catalog}", "--model=raw_pixels_32", "--top_k=5", "--run_id=r1"]
+    run(common + [f"--output={tmp_path / 'direct'}"])
+    with BeamPortableServices(tmp_path / "services", python=str(python), worker_cwd=outside,
+                              worker_env=env) as services:
+        run(common + [f"--output={tmp_path / 'portable'}"] + services.pipeline_args())
+    assert_same_outputs(tmp_path / "direct" / "runs" / "r1",
+                        tmp_path / "portable" / "runs" / "r1")
