@@ -97,3 +97,19 @@ def test_refused_credential_fails_fast_in_one_line(tmp_path, monkeypatch, capsys
     assert err.count("\n") == 1
     assert err.startswith("error: gs://vs-test/out: the Google credential cannot get an "
                           "access token") and "invalid_grant" in err
+
+
+def test_dataflow_launcher_dry_run_on_gs_paths_writes_nothing(tmp_path, gcs, capsys):
+    pytest.importorskip("apache_beam.runners.dataflow.internal.apiclient")
+    from runners.dataflow import main as dataflow_main
+
+    emulator, _, _ = gcs
+    write_catalog(tmp_path / "catalog")
+    emulator.upload_tree(tmp_path / "catalog", BUCKET, "dry/cat")
+    assert dataflow_main([f"--input=gs://{BUCKET}/dry/cat/catalog.csv",
+                          f"--output=gs://{BUCKET}/dry/out", "--model=raw_pixels_32",
+                          "--project=test-project", "--region=europe-west1",
+                          f"--temp_location=gs://{BUCKET}/dry/tmp", "--dry_run=True"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("Dry run on DataflowRunner") and "workflow.tar.gz" in printed
+    assert not [n for n in emulator.names(BUCKET, "dry/") if not n.startswith("dry/cat/")]
