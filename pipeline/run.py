@@ -24,7 +24,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions,  # noqa: E402
                                                   StandardOptions, WorkerOptions)
 
-from pipeline import cli, files, logs, publish  # noqa: E402
+from pipeline import cli, dry_run, files, logs, object_store, publish  # noqa: E402
 from pipeline.run_progress import RunProgress, expected_rows  # noqa: E402
 from pipeline.local_runner import is_direct, runner_for
 from pipeline.graph import ERRORS_DIR, RunConfig, build_graph
@@ -322,9 +322,14 @@ def run(argv=None, test_pipeline=None) -> dict:
     opts = options.view_as(SimilarityOptions)
     level = _log_level(opts)
     _quiet_workers(options, level)
+    object_store.preflight(options)  # gs:// unreachable: one line in seconds, not minutes
     # Importing TensorFlow and converting a model print native INFO lines.
     with logs.native_noise_filtered(enabled=level not in ("debug", "info")):
         config = make_config(options)
+    if dry_run.requested(options):  # build the job only: no run directory, nothing published
+        pipeline = beam.Pipeline(runner=runner_for(options), options=options)
+        build_graph(pipeline, config)
+        return dry_run.build_job(pipeline, options, config.settings)
     prepare_output(config.output)
     publish.mark_incomplete(config.output, config.settings["run_id"])
     pipeline = (test_pipeline if test_pipeline is not None
@@ -370,9 +375,12 @@ def main(argv=None) -> int:
         return 2
     try:
         manifest = run(argv)
-    except (CatalogError, ModelLoadError, UsageError) as exc:
+    except (CatalogError, ModelLoadError, UsageError, object_store.ObjectStoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if manifest.get("dry_run"):
+        print(dry_run.describe(manifest))
+        return 0
     evaluation = None
     if manifest.get("eval_label_column") or "--eval_label_column" in " ".join(argv):
         from pipeline.evaluate import EVALUATION_FILE

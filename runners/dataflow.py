@@ -22,6 +22,9 @@ import sys
 from pipeline.run import main as run_main
 
 REQUIRED = ("--project", "--region", "--temp_location")
+# Paths Dataflow workers (or its service) read or write: a local path names a disk
+# of the launching machine, which no worker can see.
+REMOTE_PATHS = ("--input", "--output", "--temp_location", "--staging_location")
 SETUP_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "setup.py")
 
@@ -36,6 +39,13 @@ def dataflow_args(argv: list[str]) -> list[str]:
     missing = [flag for flag in REQUIRED if flag not in given]
     if missing:
         raise DataflowUsageError(f"Dataflow needs {', '.join(missing)}")
+    values = dict(arg.split("=", 1) for arg in argv if arg.startswith("--") and "=" in arg)
+    local = [f"{flag}={values[flag]}" for flag in REMOTE_PATHS
+             if flag in values and "://" not in values[flag]]
+    if local:
+        raise DataflowUsageError(
+            f"Dataflow workers cannot read local paths: {', '.join(local)}; use gs://… "
+            f"(or run locally with python -m runners.direct)")
     args = ["--runner=DataflowRunner"]
     if "--setup_file" not in given and "--sdk_container_image" not in given:
         args.append(f"--setup_file={SETUP_FILE}")
