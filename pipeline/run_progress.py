@@ -136,10 +136,15 @@ class ProgressReporter:
             self.lines_printed += 1
 
     def _loop(self) -> None:
-        wait = 0.25 if self.tty else self.interval
-        while not self._stop.wait(wait):
+        # Poll often (phase start times are taken from what is seen), draw every
+        # 0.25 s on a terminal and every ``interval`` seconds elsewhere.
+        next_draw = time.monotonic() + (0.25 if self.tty else self.interval)
+        while not self._stop.wait(0.25):
             try:
-                self._draw(self.current())
+                snap = self.current()
+                if time.monotonic() >= next_draw:
+                    self._draw(snap)
+                    next_draw = time.monotonic() + (0.25 if self.tty else self.interval)
             except Exception:  # noqa: BLE001 - progress must never break a run
                 pass
 
