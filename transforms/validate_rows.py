@@ -6,14 +6,17 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
+from pipeline.product_ids import redact_userinfo
 from transforms.errors import ERRORS, METRICS_NAMESPACE, STAGE_READ, count_failure, error_record
 
 
 class SplitInvalidRowsFn(beam.DoFn):
     """Pass usable rows on; turn rows with ``invalid`` set into read-stage errors.
 
-    The reader keeps broken rows (no id, no image, bad encoding, bad JSON) in
-    the stream so they are counted as input; this is where they leave it.
+    The reader keeps broken rows (no id, no image, bad encoding, bad JSON, an
+    id the id rule refuses, a broken CSV record) in the stream so they are
+    counted as input; this is where they leave it. The error record never
+    carries the ``user:password@`` of a URL (image or sentence).
     """
 
     def __init__(self):
@@ -27,4 +30,7 @@ class SplitInvalidRowsFn(beam.DoFn):
             return
         reason, message = invalid
         count_failure(STAGE_READ, reason)
-        yield pvalue.TaggedOutput(ERRORS, error_record(row, STAGE_READ, reason, message))
+        record = error_record(row, STAGE_READ, reason, redact_userinfo(message))
+        if isinstance(record["image"], str):
+            record["image"] = redact_userinfo(record["image"])
+        yield pvalue.TaggedOutput(ERRORS, record)
