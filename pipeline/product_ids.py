@@ -16,8 +16,9 @@ different manifest ids ever become the same product id silently. The rule:
   exactly (``1.0`` and ``1`` would have to be the same id, large values lose
   digits beyond 2**53) and NaN / Infinity are no id at all. So are booleans,
   dates, lists and objects. Store ids as strings or integers.
-- Refused as ``invalid_product_id``: control characters (U+0000–U+001F,
-  U+007F–U+009F, so NUL and NEL), the Unicode line and paragraph separators
+- Refused as ``invalid_product_id``: control characters (U+0000–U+001F but
+  TAB, U+007F–U+009F, so NUL and NEL; a TAB inside an id is kept, as every
+  store here takes it), the Unicode line and paragraph separators
   U+2028/U+2029 (readers that split lines on them would cut the row), and lone
   surrogates (not encodable as UTF-8: ``invalid_utf8``).
 - Refused as ``product_id_too_long``: more than :data:`MAX_ID_BYTES` (512)
@@ -44,7 +45,7 @@ MAX_ID_BYTES = 512
 # Only ASCII whitespace is trimmed; anything else is part of the id.
 ASCII_WHITESPACE = " \t\r\n\f\v"
 # Characters no id or image location may hold (after trimming).
-_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/?#\s@]*@")
 
