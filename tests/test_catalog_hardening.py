@@ -317,6 +317,9 @@ def jsonl_cases() -> tuple[bytes, list[Outcome]]:
     outcomes.append(Outcome(reason="invalid_utf8", image="images/raw-bad.png"))
     lines.append(b'{"product_id": "ok-raw-bad-note", "image": "images/b.png", "note": "\xfe"}')
     outcomes.append(Outcome(pid="ok-raw-bad-note", carried="\ufffd"))
+    lines.append('{"product_id": "ok-odd-key", "image": "images/c.png", "note": "n", '
+                 '"k\\udc80": 1}'.encode())
+    outcomes.append(Outcome(pid="ok-odd-key", carried="n"))
     return b"\n".join(lines) + b"\n", outcomes
 
 
@@ -334,6 +337,11 @@ def test_jsonl_every_row_is_one_feature_row_or_one_error_line(jsonl_run):
             assert jsonl_run["features"][outcome.pid]["note"] == outcome.carried
     assert_outcomes(jsonl_run, [Outcome(o.pid, o.reason, o.line, o.image) for o in
                                 JSONL_OUTCOMES])
+
+
+def test_jsonl_key_that_is_not_unicode_is_carried_under_a_repaired_name(jsonl_run):
+    assert jsonl_run["features"]["ok-odd-key"]["k\ufffd"] == "1"
+    assert jsonl_run["features"]["7"]["k\ufffd"] is None
 
 
 def test_jsonl_numbers_never_become_float_text(jsonl_run):

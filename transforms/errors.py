@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from pipeline.product_ids import redact_userinfo
+
 # Tag of the dead-letter output of every DoFn that can fail.
 ERRORS = "errors"
 
@@ -47,14 +49,17 @@ def error_record(row: Mapping[str, Any], stage: str, reason: str, message: str) 
     """Build the dead-letter record for ``row`` that failed in ``stage``.
 
     The record carries what a person needs to find and fix the input: the
-    product id, the image location, the stage, a reason code and a sentence.
+    product id, the image location, the stage, a reason code and a sentence;
+    the ``user:password@`` of any URL in the image or the sentence is replaced
+    by ``***@``, so credentials are never stored in ``errors/``.
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    image = row.get("image")
     return {
         "product_id": None if row.get("product_id") is None else str(row.get("product_id")),
-        "image": row.get("image"),
+        "image": redact_userinfo(image) if isinstance(image, str) else image,
         "stage": stage,
         "reason": reason,
-        "error": message,
+        "error": redact_userinfo(message),
     }

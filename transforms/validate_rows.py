@@ -6,7 +6,6 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
-from pipeline.product_ids import redact_userinfo
 from transforms.errors import ERRORS, METRICS_NAMESPACE, STAGE_READ, count_failure, error_record
 
 
@@ -16,7 +15,7 @@ class SplitInvalidRowsFn(beam.DoFn):
     The reader keeps broken rows (no id, no image, bad encoding, bad JSON, an
     id the id rule refuses, a broken CSV record) in the stream so they are
     counted as input; this is where they leave it. The error record never
-    carries the ``user:password@`` of a URL (image or sentence).
+    carries the ``user:password@`` of a URL (:func:`error_record` removes it).
     """
 
     def __init__(self):
@@ -30,7 +29,4 @@ class SplitInvalidRowsFn(beam.DoFn):
             return
         reason, message = invalid
         count_failure(STAGE_READ, reason)
-        record = error_record(row, STAGE_READ, reason, redact_userinfo(message))
-        if isinstance(record["image"], str):
-            record["image"] = redact_userinfo(record["image"])
-        yield pvalue.TaggedOutput(ERRORS, record)
+        yield pvalue.TaggedOutput(ERRORS, error_record(row, STAGE_READ, reason, message))
