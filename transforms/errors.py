@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from pipeline.product_ids import redact_userinfo
+
 # Tag of the dead-letter output of every DoFn that can fail.
 ERRORS = "errors"
 
@@ -48,16 +50,19 @@ def error_record(row: Mapping[str, Any], stage: str, reason: str, message: str) 
 
     The record carries what a person needs to find and fix the input: the
     product id, the image location, the stage, a reason code and a sentence.
-    The location is stored without URL credentials or inline data: content.
+    The location is stored without URL credentials or inline data: content, and
+    the ``user:password@`` of any URL in the sentence is replaced by ``***@``, so
+    credentials are never stored in ``errors/``.
     """
     from transforms.locations import redact_location
 
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    image = row.get("image")
     return {
         "product_id": None if row.get("product_id") is None else str(row.get("product_id")),
-        "image": redact_location(row.get("image")),
+        "image": redact_location(image),
         "stage": stage,
         "reason": reason,
-        "error": message,
+        "error": redact_userinfo(message),
     }

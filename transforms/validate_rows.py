@@ -12,8 +12,10 @@ from transforms.errors import ERRORS, METRICS_NAMESPACE, STAGE_READ, count_failu
 class SplitInvalidRowsFn(beam.DoFn):
     """Pass usable rows on; turn rows with ``invalid`` set into read-stage errors.
 
-    The reader keeps broken rows (no id, no image, bad encoding, bad JSON) in
-    the stream so they are counted as input; this is where they leave it.
+    The reader keeps broken rows (no id, no image, bad encoding, bad JSON, an
+    id the id rule refuses, a broken CSV record) in the stream so they are
+    counted as input; this is where they leave it. The error record never
+    carries the ``user:password@`` of a URL (:func:`error_record` removes it).
     """
 
     def __init__(self):

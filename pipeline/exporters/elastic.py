@@ -23,7 +23,7 @@ import orjson
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import files
-from pipeline.exporters.run_data import (Run, RunDataError, embedding_rows,
+from pipeline.exporters.run_data import (Run, RunDataError, check_product_id, embedding_rows,
                                          iter_neighbor_lists, read_embeddings)
 
 DEFAULT_INDEX = "similar_products"
@@ -92,14 +92,27 @@ def encode_document(doc: dict) -> bytes:
 
 
 def bulk_action(index: str, product_id: str) -> dict:
-    """The ``_bulk`` action for a product: index (create or replace) under its own id."""
+    """The ``_bulk`` action for a product: index (create or replace) under its own id.
+
+    The ``_id`` is the product id itself, never hashed: an id over
+    Elasticsearch's 512-byte limit (or with a control character) is refused
+    with :class:`RunDataError`; the pipeline already refuses such ids at read
+    time (``product_id_too_long``), so only a run made before that rule can hit it.
+    """
+    check_product_id(product_id, f"the document _id {product_id[:40]!r}…"
+                     if isinstance(product_id, str) and len(product_id) > 40
+                     else f"the document _id {product_id!r}")
     return {"index": {"_index": index, "_id": product_id}}
 
 
 def bulk_pair(index: str, doc: dict) -> bytes:
-    """The action line and document line for one document, each ending in a newline."""
-    return (orjson.dumps(bulk_action(index, doc["product_id"])) + b"\n"
-            + encode_document(doc) + b"\n")
+    """The action line and document line for one document, each ending in a newline.
+
+    Raw U+0085/U+2028/U+2029 are written as ``\\u`` escapes, so only ``\\n``
+    ends a line of the NDJSON whatever splits it.
+    """
+    return files.escape_line_breaks(orjson.dumps(bulk_action(index, doc["product_id"]))
+                                    + b"\n" + encode_document(doc) + b"\n")
 
 
 def chunk_pairs(pairs: Iterable[bytes], max_docs: int | None,

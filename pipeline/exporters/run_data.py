@@ -3,7 +3,10 @@
 Everything a loader publishes comes through here, so the checks live in one
 place: a run without ``manifest.json`` is not complete and is refused, and the
 neighbour lists and embeddings read back must match the manifest's counts, with
-no product twice. A loader that hits one of these errors must not publish.
+no product twice, and every product id must pass the pipeline's id rule
+(:func:`pipeline.product_ids.product_id_problem`: no control characters such as
+NUL, at most 512 UTF-8 bytes), which a run written before that rule might not.
+A loader that hits one of these errors must not publish.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import files, publish
 from pipeline.features import FeatureMatrix, feature_files, read_feature_matrix
+from pipeline.product_ids import product_id_problem
 
 MANIFEST_FILE = "manifest.json"
 NEIGHBORS_PATTERN = ("neighbors", "neighbors-*.jsonl")
@@ -26,6 +30,20 @@ FEATURES_DIR = "features"
 
 class RunDataError(ValueError):
     """The run directory cannot be published as it is (incomplete or inconsistent)."""
+
+
+def check_product_id(product_id, where: str) -> None:
+    """Raise :class:`RunDataError` when ``product_id`` breaks the id rule.
+
+    Every id a store receives passes here: PostgreSQL refuses a NUL in
+    ``text`` and Elasticsearch an ``_id`` over 512 bytes, so such an id stops
+    the load with one sentence before anything is published.
+    """
+    problem = (("non_string_id", "it is not a string") if not isinstance(product_id, str)
+               else product_id_problem(product_id))
+    if problem is not None:
+        raise RunDataError(f"{where} has a product id no store can take ({problem[0]}: "
+                           f"{problem[1]}); rerun the pipeline, which refuses such ids")
 
 
 @dataclass(frozen=True)
@@ -124,6 +142,7 @@ def iter_neighbor_lists(run: Run) -> Iterator[tuple[str, list[dict]]]:
                 except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
                     raise RunDataError(f"{path} line {number} is not a neighbour record "
                                        f"({exc})") from exc
+                check_product_id(product_id, f"{path} line {number}")
                 if product_id in seen:
                     raise RunDataError(f"product {product_id!r} has two neighbour lists "
                                        f"(second in {path} line {number})")
@@ -146,6 +165,8 @@ def read_embeddings(run: Run) -> FeatureMatrix:
         matrix = read_feature_matrix(paths)
     except ValueError as exc:  # mixed models, duplicate ids, ragged vectors
         raise RunDataError(f"{run.path} features cannot be published: {exc}") from exc
+    for product_id in matrix.product_ids:
+        check_product_id(product_id, f"{run.path} features")
     expected = (run.manifest.get("counts") or {}).get("embedded", run.products)
     if expected is not None and matrix.count != expected:
         raise RunDataError(f"{run.path} has {matrix.count} feature rows but its manifest "
