@@ -247,6 +247,9 @@ def run(argv=None, test_pipeline=None) -> dict:
     options = PipelineOptions(argv)
     opts = options.view_as(SimilarityOptions)
     config = make_config(options)
+    if FileSystems.exists(config.output):
+        raise UsageError(f"--run_id={config.settings['run_id']}: {config.output} already "
+                         f"exists; a run never overwrites another run's files")
     prepare_output(config.output)
     publish.mark_incomplete(config.output, config.settings["run_id"])
     pipeline = (test_pipeline if test_pipeline is not None
@@ -262,6 +265,13 @@ def run(argv=None, test_pipeline=None) -> dict:
     return files.read_json(files.join(config.output, MANIFEST_FILE))
 
 
+def os_error_line(exc: OSError) -> str:
+    """``<path>: <cause>`` for an OS error (the path it names, else the message)."""
+    path = exc.filename if exc.filename is not None else ""
+    cause = exc.strerror or str(exc)
+    return f"{path}: {cause}" if path else cause
+
+
 def main(argv=None) -> int:
     """Console entry: run, print the summary, and turn user errors into one line + exit 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -269,6 +279,11 @@ def main(argv=None) -> int:
         manifest = run(argv)
     except (CatalogError, ModelLoadError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # Output root unusable (a file, read-only, full disk, no inodes): one line, exit 2;
+        # LATEST is only moved after a verified run, so it stays on the last good one.
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     print(summarize(manifest))
     return 0
