@@ -114,13 +114,45 @@ def previous_run_for(root: str, model_id: str, full_rebuild: bool) -> tuple[str 
     """The last good run whose embeddings this run may reuse, and why (not)."""
     if full_rebuild:
         return None, "--full_rebuild"
-    latest = publish.latest_run(root)
-    if latest is None:
+    try:
+        latest = publish.latest_run(root)
+    except (OSError, ValueError) as exc:
+        latest, damage = None, f"{files.join(root, publish.LATEST)} is unreadable ({exc})"
+    else:
+        damage = None
+    if latest is None and damage is None:
         return None, "no previous run"
-    previous_model = files.read_json(files.join(latest, MANIFEST_FILE)).get("model")
+    if latest is not None and files.is_local(root):
+        runs = os.path.realpath(os.path.join(root, publish.RUNS_DIR))
+        if os.path.commonpath([runs, os.path.realpath(latest)]) != runs:
+            damage = f"{files.join(root, publish.LATEST)} points outside {runs} ({latest})"
+    if damage is None:
+        try:  # a damaged previous run (manifest, Parquet, counts) must not stop this one
+            previous_model = publish.verify_run(latest).get("model")
+            _check_previous_features(latest)
+        except Exception as exc:  # noqa: BLE001 - any damage means: do not reuse it
+            damage = f"the previous run {latest} is damaged ({type(exc).__name__}: {exc})"
+    if damage is not None:
+        logging.getLogger(__name__).warning("%s; embedding every image again", damage)
+        return None, f"full rebuild: {damage}"
     if previous_model != model_id:
         return None, f"the previous run used {previous_model}, not {model_id}"
     return latest, "reusing unchanged images"
+
+
+def _check_previous_features(run_dir: str) -> None:
+    """Raise unless every previous feature file has the columns reuse reads."""
+    import pyarrow.parquet as pq
+
+    from transforms.reuse_previous import PREVIOUS_COLUMNS
+
+    for match in FileSystems.match([files.join(run_dir, FEATURES_DIR, "*.parquet")])[0] \
+            .metadata_list:
+        with FileSystems.open(match.path) as handle:
+            names = set(pq.ParquetFile(handle).schema_arrow.names)
+        missing = [c for c in PREVIOUS_COLUMNS if c not in names]
+        if missing:
+            raise ValueError(f"{match.path} lacks the columns {missing}")
 
 
 def carried_column(catalog, name: str | None, option: str) -> str | None:

@@ -63,3 +63,44 @@ def test_full_tmpfs_while_saving_vectors_raises_enospc(tmp_path):
         assert os.listdir(mount_dir) == []
     finally:
         os.system(f"umount {mount_dir}")
+
+
+@pytest.mark.parametrize("damage", ["no_manifest", "truncated_manifest", "truncated_parquet",
+                                    "empty_features", "foreign_parquet", "latest_outside"])
+def test_a_damaged_previous_run_is_skipped_not_fatal(tmp_path, tiny_model, damage):
+    import glob
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    catalog = write_catalog(tmp_path / "cat")
+    root = tmp_path / "root"
+    args = [f"--input={catalog}", f"--output={root}", f"--model={tiny_model}", "--top_k=3"]
+    first = run(args)
+    run_dir = first["run_dir"]
+    shards = glob.glob(os.path.join(run_dir, "features", "*.parquet"))
+    if damage == "no_manifest":
+        os.unlink(os.path.join(run_dir, "manifest.json"))
+    elif damage == "truncated_manifest":
+        with open(os.path.join(run_dir, "manifest.json"), "r+b") as handle:
+            handle.truncate(20)
+    elif damage == "truncated_parquet":
+        with open(shards[0], "r+b") as handle:
+            handle.truncate(100)
+    elif damage == "empty_features":
+        for shard in shards:
+            os.unlink(shard)
+    elif damage == "foreign_parquet":
+        for shard in shards:
+            os.unlink(shard)
+        pq.write_table(pa.table({"x": list(range(first["counts"]["embedded"]))}), shards[0])
+    else:
+        outside = tmp_path / "elsewhere"
+        os.rename(run_dir, outside)
+        os.unlink(root / "LATEST")
+        os.symlink(str(outside), root / "LATEST")
+    second = run(args)
+    assert second["counts"]["reused"] == 0
+    assert second["reuse"].startswith("full rebuild: ")
+    assert second["counts"]["embedded"] == first["counts"]["embedded"]
+    assert os.path.realpath(root / "LATEST") == os.path.realpath(second["run_dir"])
