@@ -269,6 +269,36 @@ def evaluate_published_run(run_dir: str, opts: SimilarityOptions) -> dict:
     return result
 
 
+class PublishRefused(RuntimeError):
+    """The finished run looks like an accident; it is kept but LATEST is not moved."""
+
+
+def check_publishable(manifest: dict, latest: str | None, opts: SimilarityOptions) -> None:
+    """Refuse to replace a good run with an empty or collapsed one (--force_publish skips).
+
+    Why: a misnamed catalogue or a dead image host gives a run that is complete
+    but useless; a nightly job must not publish it over yesterday's good run.
+    """
+    counts, run_dir = manifest["counts"], manifest["run_dir"]
+    if counts["embedded"] == 0:
+        raise PublishRefused(f"{run_dir}: not published: the run has no products "
+                             f"(--force_publish publishes it anyway)")
+    if counts["input"] and counts["failed"] / counts["input"] > opts.max_failed_share:
+        raise PublishRefused(f"{run_dir}: not published: {counts['failed']} of "
+                             f"{counts['input']} rows failed, more than --max_failed_share="
+                             f"{opts.max_failed_share} (--force_publish publishes it anyway)")
+    if latest is not None:
+        try:
+            before = files.read_json(files.join(latest, MANIFEST_FILE))["counts"]["embedded"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        if before and counts["embedded"] < (1 - opts.max_product_loss) * before:
+            raise PublishRefused(
+                f"{run_dir}: not published: {counts['embedded']} products against "
+                f"{before} in the published run, a loss of more than --max_product_loss="
+                f"{opts.max_product_loss} (--force_publish publishes it anyway)")
+
+
 def run(argv=None, test_pipeline=None) -> dict:
     """Run the job with command-line ``argv``; returns the written manifest.
 
@@ -291,6 +321,9 @@ def run(argv=None, test_pipeline=None) -> dict:
     result.wait_until_finish()
     if opts.eval_label_column and not opts.features_only:
         evaluate_published_run(config.output, opts)
+    manifest = files.read_json(files.join(config.output, MANIFEST_FILE))
+    if not opts.force_publish:
+        check_publishable(manifest, publish.latest_run(opts.output), opts)
     publish.publish(opts.output, config.settings["run_id"])
     publish.prune_runs(opts.output, opts.keep_runs, config.settings["run_id"],
                        config.started_at)
@@ -310,6 +343,9 @@ def main(argv=None) -> int:
     try:
         manifest = run(argv)
     except (CatalogError, ModelLoadError, UsageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except PublishRefused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

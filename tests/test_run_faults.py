@@ -104,3 +104,25 @@ def test_a_damaged_previous_run_is_skipped_not_fatal(tmp_path, tiny_model, damag
     assert second["reuse"].startswith("full rebuild: ")
     assert second["counts"]["embedded"] == first["counts"]["embedded"]
     assert os.path.realpath(root / "LATEST") == os.path.realpath(second["run_dir"])
+
+
+def test_publish_guard_keeps_latest_on_a_good_run_unless_forced(tmp_path, tiny_model, capsys):
+    import csv
+
+    catalog = write_catalog(tmp_path / "cat")
+    root = tmp_path / "root"
+    args = [f"--output={root}", f"--model={tiny_model}", "--top_k=3"]
+    first = run([f"--input={catalog}", *args])
+    with open(catalog, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    small = tmp_path / "cat" / "small.csv"
+    with open(small, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows[:3])
+    code = main([f"--input={small}", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--max_product_loss" in err[0]
+    assert os.path.realpath(root / "LATEST") == os.path.realpath(first["run_dir"])
+    assert main([f"--input={small}", *args, "--force_publish"]) == 0
+    assert os.path.realpath(root / "LATEST") != os.path.realpath(first["run_dir"])
