@@ -137,3 +137,12 @@ class SimilarityOptions(PipelineOptions):
         parser.add_argument("--model_cache_dir", default=None,
                             help="Where converted offline models are cached (default: "
                             "$SIMILARITY_CACHE_DIR or ~/.cache/visual-similarity/models).")
+        parser.add_argument("--max_product_loss", type=float, default=0.5,
+                            help="Publish guard: do not move LATEST when the run embedded "
+                            "fewer than (1 - this) times the products of the run LATEST "
+                            "points to.")
+        parser.add_argument("--max_failed_share", type=float, default=0.5,
+                            help="Publish guard: do not move LATEST when more than this share "
+                            "of the input rows failed.")
+        parser.add_argument("--force_publish", action="store_true", default=False,
+                            help="Move LATEST even when the publish guard refuses the run.")

@@ -120,13 +120,45 @@ def previous_run_for(root: str, model_id: str, full_rebuild: bool) -> tuple[str 
     """The last good run whose embeddings this run may reuse, and why (not)."""
     if full_rebuild:
         return None, "--full_rebuild"
-    latest = publish.latest_run(root)
-    if latest is None:
+    try:
+        latest = publish.latest_run(root)
+    except (OSError, ValueError) as exc:
+        latest, damage = None, f"{files.join(root, publish.LATEST)} is unreadable ({exc})"
+    else:
+        damage = None
+    if latest is None and damage is None:
         return None, "no previous run"
-    previous_model = files.read_json(files.join(latest, MANIFEST_FILE)).get("model")
+    if latest is not None and files.is_local(root):
+        runs = os.path.realpath(os.path.join(root, publish.RUNS_DIR))
+        if os.path.commonpath([runs, os.path.realpath(latest)]) != runs:
+            damage = f"{files.join(root, publish.LATEST)} points outside {runs} ({latest})"
+    if damage is None:
+        try:  # a damaged previous run (manifest, Parquet, counts) must not stop this one
+            previous_model = publish.verify_run(latest).get("model")
+            _check_previous_features(latest)
+        except Exception as exc:  # noqa: BLE001 - any damage means: do not reuse it
+            damage = f"the previous run {latest} is damaged ({type(exc).__name__}: {exc})"
+    if damage is not None:
+        logging.getLogger(__name__).warning("%s; embedding every image again", damage)
+        return None, f"full rebuild: {damage}"
     if previous_model != model_id:
         return None, f"the previous run used {previous_model}, not {model_id}"
     return latest, "reusing unchanged images"
+
+
+def _check_previous_features(run_dir: str) -> None:
+    """Raise unless every previous feature file has the columns reuse reads."""
+    import pyarrow.parquet as pq
+
+    from transforms.reuse_previous import PREVIOUS_COLUMNS
+
+    for match in FileSystems.match([files.join(run_dir, FEATURES_DIR, "*.parquet")])[0] \
+            .metadata_list:
+        with FileSystems.open(match.path) as handle:
+            names = set(pq.ParquetFile(handle).schema_arrow.names)
+        missing = [c for c in PREVIOUS_COLUMNS if c not in names]
+        if missing:
+            raise ValueError(f"{match.path} lacks the columns {missing}")
 
 
 def carried_column(catalog, name: str | None, option: str) -> str | None:
@@ -308,6 +340,36 @@ def _start_progress(options: PipelineOptions, opts: SimilarityOptions,
     return RunProgress(enabled, total, exact, max(0.5, opts.progress_interval))
 
 
+class PublishRefused(RuntimeError):
+    """The finished run looks like an accident; it is kept but LATEST is not moved."""
+
+
+def check_publishable(manifest: dict, latest: str | None, opts: SimilarityOptions) -> None:
+    """Refuse to replace a good run with an empty or collapsed one (--force_publish skips).
+
+    Why: a misnamed catalogue or a dead image host gives a run that is complete
+    but useless; a nightly job must not publish it over yesterday's good run.
+    """
+    counts, run_dir = manifest["counts"], manifest["run_dir"]
+    if counts["embedded"] == 0:
+        raise PublishRefused(f"{run_dir}: not published: the run has no products "
+                             f"(--force_publish publishes it anyway)")
+    if counts["input"] and counts["failed"] / counts["input"] > opts.max_failed_share:
+        raise PublishRefused(f"{run_dir}: not published: {counts['failed']} of "
+                             f"{counts['input']} rows failed, more than --max_failed_share="
+                             f"{opts.max_failed_share} (--force_publish publishes it anyway)")
+    if latest is not None:
+        try:
+            before = files.read_json(files.join(latest, MANIFEST_FILE))["counts"]["embedded"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        if before and counts["embedded"] < (1 - opts.max_product_loss) * before:
+            raise PublishRefused(
+                f"{run_dir}: not published: {counts['embedded']} products against "
+                f"{before} in the published run, a loss of more than --max_product_loss="
+                f"{opts.max_product_loss} (--force_publish publishes it anyway)")
+
+
 def run(argv=None, test_pipeline=None) -> dict:
     """Run the job with command-line ``argv``; returns the written manifest.
 
@@ -330,6 +392,9 @@ def run(argv=None, test_pipeline=None) -> dict:
         pipeline = beam.Pipeline(runner=runner_for(options), options=options)
         build_graph(pipeline, config)
         return dry_run.build_job(pipeline, options, config.settings)
+    if FileSystems.exists(config.output):
+        raise UsageError(f"--run_id={config.settings['run_id']}: {config.output} already "
+                         f"exists; a run never overwrites another run's files")
     prepare_output(config.output)
     publish.mark_incomplete(config.output, config.settings["run_id"])
     pipeline = (test_pipeline if test_pipeline is not None
@@ -344,6 +409,9 @@ def run(argv=None, test_pipeline=None) -> dict:
         progress.set_phase("publishing")
         if opts.eval_label_column and not opts.features_only:
             evaluate_published_run(config.output, opts)
+        if not opts.force_publish:
+            check_publishable(files.read_json(files.join(config.output, MANIFEST_FILE)),
+                              publish.latest_run(opts.output), opts)
         publish.publish(opts.output, config.settings["run_id"])
         publish.prune_runs(opts.output, opts.keep_runs, config.settings["run_id"],
                            config.started_at)
@@ -356,6 +424,13 @@ def run(argv=None, test_pipeline=None) -> dict:
     offsets["done"] = time.monotonic() - started
     manifest["launcher_phases"] = offsets
     return manifest
+
+
+def os_error_line(exc: OSError) -> str:
+    """``<path>: <cause>`` for an OS error (the path it names, else the message)."""
+    path = exc.filename if exc.filename is not None else ""
+    cause = exc.strerror or str(exc)
+    return f"{path}: {cause}" if path else cause
 
 
 def main(argv=None) -> int:
@@ -377,6 +452,14 @@ def main(argv=None) -> int:
         manifest = run(argv)
     except (CatalogError, ModelLoadError, UsageError, object_store.ObjectStoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except PublishRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # Output root unusable (a file, read-only, full disk, no inodes): one line, exit 2;
+        # LATEST is only moved after a verified run, so it stays on the last good one.
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     if manifest.get("dry_run"):
         print(dry_run.describe(manifest))

@@ -391,18 +391,32 @@ def round_similarity(x):
 def save_vectors(path: str | os.PathLike, vectors: np.ndarray) -> None:
     """Save an ``[N, D]`` float32 matrix as ``.npy`` (no pickle) for the index directory.
 
-    Written under a temporary name and renamed so readers never see a
-    partial file.
+    Written with plain file writes (not a writable memmap, whose page faults
+    on a full disk kill the process with SIGBUS) under a temporary name,
+    fsync-ed and renamed, so a full disk is an ``OSError`` (ENOSPC) the
+    launcher reports, readers never see a partial file, and the temporary
+    file is removed on failure.
     """
     n_vectors, dim = _matrix_shape(vectors, "vectors")
     path = os.fspath(path)
-    out = create_vectors(f"{path}.writing", n_vectors, dim)
+    tmp = f"{path}.writing"
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+              "fortran_order": False, "shape": (int(n_vectors), int(dim))}
     chunk_rows = max(1, (64 * 2**20) // (4 * max(dim, 1)))
-    for start in range(0, n_vectors, chunk_rows):
-        out[start : start + chunk_rows] = vectors[start : start + chunk_rows]
-    out.flush()
-    del out
-    os.replace(f"{path}.writing", path)
+    try:
+        with open(tmp, "wb") as handle:
+            np.lib.format.write_array_header_1_0(handle, header)
+            for start in range(0, n_vectors, chunk_rows):
+                block = np.ascontiguousarray(vectors[start : start + chunk_rows],
+                                             dtype=np.float32)
+                handle.write(block.tobytes())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def create_vectors(path: str | os.PathLike, n: int, dim: int) -> np.memmap:

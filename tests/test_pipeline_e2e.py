@@ -159,11 +159,13 @@ def test_same_input_same_neighbors_and_rerun_replaces_output(first_run, catalog,
     assert names == sorted(os.path.relpath(p, out) for p in glob.glob(f"{out}/neighbors/*"))
     for name in names:
         assert open(f"{second}/{name}", "rb").read() == open(f"{out}/{name}", "rb").read()
-    # Running again with an explicit run id replaces, never mixes, that run's outputs.
+    # Running again with an existing run id is refused (issue 15): it never touches that run.
+    from pipeline.run import UsageError
+
     run_id = os.path.basename(second)
-    again = _run(catalog, tmp_path / "second", tiny_model, "--search=annoy", "--full_rebuild",
-                 f"--run_id={run_id}")
-    assert again["run_dir"] == second
+    with pytest.raises(UsageError, match="already exists"):
+        _run(catalog, tmp_path / "second", tiny_model, "--search=annoy", "--full_rebuild",
+             f"--run_id={run_id}")
     assert len(_features(second)) == len(FAMILIES) * 3
 
 
