@@ -178,6 +178,7 @@ def make_config(options: PipelineOptions) -> RunConfig:
         "min_similarity": opts.min_similarity,
         "duplicate_threshold": opts.duplicate_threshold,
         "pca_dim": opts.pca_dim or None,
+        "recall_target": opts.recall_target,
         "runner": options.view_as(StandardOptions).runner or "DirectRunner",
         "workers": workers,
         "versions": library_versions(),
@@ -192,7 +193,8 @@ def make_config(options: PipelineOptions) -> RunConfig:
                      exclude_same=carried_column(catalog, opts.exclude_same, "--exclude_same"),
                      min_similarity=opts.min_similarity,
                      duplicate_threshold=opts.duplicate_threshold, pca_dim=opts.pca_dim,
-                     model_lanes=lanes)
+                     model_lanes=lanes, nlist=opts.nlist, nprobe=opts.nprobe,
+                     recall_target=opts.recall_target)
 
 
 def summarize(manifest: dict) -> str:
@@ -213,6 +215,11 @@ def summarize(manifest: dict) -> str:
     if "neighbors" in manifest:
         lines.append(f"  neighbours: {manifest['neighbors']['products']} products, top "
                      f"{manifest['top_k']} ({manifest['index']['search']} search)")
+        recall = manifest["neighbors"].get("recall_estimate") or {}
+        if recall.get("recall") is not None:
+            lines.append(f"  recall@{recall['k']} estimate: {recall['recall']:.4f} on "
+                         f"{recall['sampled']} sampled products (target {recall['target']})"
+                         + ("  BELOW TARGET" if recall.get("below_target") else ""))
     out = manifest["run_dir"]
     lines += [
         f"Outputs in {out}:",
