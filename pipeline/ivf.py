@@ -323,9 +323,12 @@ def ivf_all_knn(vectors: np.ndarray, k: int, nlist: int = 0, nprobe: int = 0, se
     out_rows, out_sims = merger.top_k(k_out)
     t3 = time.perf_counter()
     sizes = np.array([len(m) for m in members_of])
+    groups = sizes + np.array([len(q) for q in queries_of])
     info = {"nlist": nlist, "nprobe": nprobe, "coverage": coverage,
             "train_seconds": t1 - t0, "assign_seconds": t2 - t1, "search_seconds": t3 - t2,
             "largest_list": int(sizes.max()) if n else 0,
+            # members + queries of the biggest GroupByKey group of the Beam stage
+            "largest_group": int(groups.max()) if n else 0,
             "sum_sq_list": int((sizes.astype(np.int64) ** 2).sum())}
     return out_rows, out_sims, info
 

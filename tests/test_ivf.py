@@ -139,3 +139,28 @@ def test_beam_ivf_stage_multiprocessing_matches_exact(tmp_path):
     # same input and seed → byte-identical neighbours, even on another runner mode
     again_lines, again_bytes, _ = _run_stage(tmp_path / "again", v, "ivf", [])
     assert again_bytes == ivf_bytes
+
+
+def test_recall_estimate_flags_runs_below_target():
+    from transforms.write_manifest import recall_estimate
+
+    settings = {"top_k": 20, "recall_target": 0.99}
+    low = [{"search": "ivf", "recall_hits": 950, "recall_wanted": 1000, "recall_sampled": 50}]
+    est = recall_estimate(settings, low)
+    assert est["recall"] == 0.95 and est["below_target"] and est["sampled"] == 50
+    ok = [{"search": "ivf", "recall_hits": 995, "recall_wanted": 1000, "recall_sampled": 50}]
+    assert not recall_estimate(settings, ok)["below_target"]
+    exact = recall_estimate(settings, [{"search": "exact"}])
+    assert exact["recall"] == 1.0 and exact["sampled"] == 0
+
+
+def test_recall_hits_counts_ties_as_found():
+    from transforms.ivf_neighbors import recall_hits
+
+    v = clustered(500, 8, seed=2)
+    rows = np.arange(0, 500, 5)
+    _, sims = similarity_search.exact_top_k(v[rows], v, 10, query_rows=rows)
+    assert recall_hits(v, rows, sims, 10) == (1000, 1000)
+    worse = sims.copy()
+    worse[:, 0] = -1.0  # one neighbour per product missed
+    assert recall_hits(v, rows, np.sort(worse, axis=1)[:, ::-1], 10)[0] == 900
