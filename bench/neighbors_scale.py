@@ -1,9 +1,9 @@
-"""Benchmark the top-k similarity search stage (exact vs Annoy + re-rank) as N grows.
+"""Benchmark the top-k similarity search stage (exact, Annoy + re-rank, IVF) as N grows.
 
 Usage::
 
     python bench/neighbors_scale.py [--sizes 20000,50000,100000,500000] [--dims 1280,256]
-                                    [--k 20] [--queries 2000]
+                                    [--k 20] [--queries 2000] [--methods exact,annoy,ivf]
 
 For each (N, D) it writes synthetic clustered unit vectors to a temporary
 ``.npy`` memmap and measures, each phase in its own subprocess so memory
@@ -19,6 +19,14 @@ peaks are separate:
   against the exact results of the sample. The sample pays the first-touch
   page faults of the memory-mapped index, so the extrapolation is on the
   pessimistic side.
+
+* ``ivf``: the inverted-file all-kNN of ``pipeline/ivf.py`` over *all* N
+  rows (not extrapolated): build = k-means on the sample + nprobe
+  calibration, query = assignment + per-list search + merge; recall@k on
+  the exact sample. Its memory columns: the in-process run's peaks, and
+  ``worker`` = the Beam stage's largest per-worker group (members + queries
+  of the biggest list, (1 + nprobe) N/nlist D 4 bytes on average) plus one
+  tile of ``ivf.LIST_TILE_ENTRIES`` floats.
 
 Peak memory per phase is reported as the peak anonymous RSS (sampled from
 /proc/self/status every 20 ms: private heap, excludes memory-mapped file
@@ -138,6 +146,7 @@ def _phase_exact(args) -> dict:
         idx, sims = ss.exact_top_k(np.asarray(vectors[rows]), vectors, args.k, query_rows=rows)
         seconds = time.perf_counter() - t0
     np.save(args.result, idx, allow_pickle=False)
+    np.save(args.result + ".sims.npy", sims, allow_pickle=False)
     return {"seconds": seconds, "peak_anon": mem.peak_anon, "maxrss": _maxrss()}
 
 
@@ -188,7 +197,22 @@ def _maxrss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-_PHASES = {"exact": _phase_exact, "build": _phase_build, "annoy": _phase_annoy}
+def _phase_ivf(args) -> dict:
+    from pipeline import ivf
+
+    vectors = ss.load_vectors(args.vectors)
+    rows = np.load(args.rows, allow_pickle=False)
+    with _PeakMemory() as mem:
+        t0 = time.perf_counter()
+        idx, sims, info = ivf.ivf_all_knn(vectors, args.k, args.nlist, args.nprobe)
+        seconds = time.perf_counter() - t0
+    np.save(args.result, sims[rows], allow_pickle=False)
+    info["coverage"] = {str(p): c for p, c in info["coverage"].items()}
+    return {"seconds": seconds, "peak_anon": mem.peak_anon, "maxrss": _maxrss(), "info": info}
+
+
+_PHASES = {"exact": _phase_exact, "build": _phase_build, "annoy": _phase_annoy,
+           "ivf": _phase_ivf}
 
 
 def _run_phase(phase: str, **kwargs) -> dict:
@@ -220,8 +244,44 @@ def bench_one(n: int, dim: int, args, workdir: str) -> list[dict]:
     scale = n / q
     common = {"vectors": vec_path, "rows": rows_path, "k": args.k}
 
-    exact = _run_phase("exact", result=os.path.join(workdir, "exact.npy"), **common)
+    from bench.cpu_steal import StealMeter
+
+    with StealMeter() as exact_steal:
+        exact = _run_phase("exact", result=os.path.join(workdir, "exact.npy"), **common)
     truth = np.load(os.path.join(workdir, "exact.npy"))
+    truth_sims = np.load(os.path.join(workdir, "exact.npy.sims.npy"))
+    base = {"N": n, "D": dim, "Q": q, "extrapolated": q < n, "gen_s": gen_s}
+    out = [dict(base, method="exact", build_s=0.0, query_s=exact["seconds"] * scale,
+                total_s=exact["seconds"] * scale, recall=1.0, build_anon=None,
+                build_maxrss=None, query_anon=exact["peak_anon"], query_maxrss=exact["maxrss"],
+                params="", steal=exact_steal.steal)]
+    if "annoy" in args.methods:
+        out.append(_bench_annoy(n, dim, args, workdir, vec_path, common, truth, scale, base))
+    if "ivf" in args.methods:
+        from bench.cpu_steal import StealMeter
+        from pipeline import ivf
+
+        with StealMeter() as meter:
+            res = _run_phase("ivf", result=os.path.join(workdir, "ivf.npy"),
+                             nlist=args.nlist, nprobe=args.nprobe, **common)
+        info = res["info"]
+        found_sims = np.load(os.path.join(workdir, "ivf.npy"))
+        kk = truth_sims.shape[1]
+        rec = float((found_sims[:, :kk] >= truth_sims[:, -1:] - 1e-6).mean())
+        build_s = info["train_seconds"]
+        worker = info["largest_group"] * dim * 4 + ivf.LIST_TILE_ENTRIES * 4
+        out.append(dict(base, method="ivf", build_s=build_s, query_s=res["seconds"] - build_s,
+                        total_s=res["seconds"], recall=rec, build_anon=None,
+                        build_maxrss=None, query_anon=res["peak_anon"],
+                        query_maxrss=res["maxrss"], extrapolated=False, steal=meter.steal,
+                        params=f"nlist={info['nlist']} nprobe={info['nprobe']} "
+                        f"largest_list={info['largest_list']} "
+                        f"worker={worker / 2**20:.0f}MiB"))
+    os.remove(vec_path)
+    return out
+
+
+def _bench_annoy(n, dim, args, workdir, vec_path, common, truth, scale, base):
     n_trees = args.n_trees or ss.default_n_trees(n, dim)
     index_path = os.path.join(workdir, "index.ann")
     build = _run_phase("build", index=index_path, n_trees=n_trees, vectors=vec_path)
@@ -239,36 +299,20 @@ def bench_one(n: int, dim: int, args, workdir: str) -> list[dict]:
         n_trees, args.candidates or ss.default_candidates(args.k)
     )
     os.remove(index_path)
-    os.remove(vec_path)
-    base = {"N": n, "D": dim, "Q": q, "extrapolated": q < n, "gen_s": gen_s}
-    return [
-        dict(
-            base,
-            method="exact",
-            build_s=0.0,
-            query_s=exact["seconds"] * scale,
-            total_s=exact["seconds"] * scale,
-            recall=1.0,
-            build_anon=None,
-            build_maxrss=None,
-            query_anon=exact["peak_anon"],
-            query_maxrss=exact["maxrss"],
-            params="",
-        ),
-        dict(
-            base,
-            method="annoy",
-            build_s=build["seconds"],
-            query_s=annoy["seconds"] * scale,
-            total_s=build["seconds"] + annoy["seconds"] * scale,
-            recall=recall(found, truth),
-            build_anon=build["peak_anon"],
-            build_maxrss=build["maxrss"],
-            query_anon=annoy["peak_anon"],
-            query_maxrss=annoy["maxrss"],
-            params=f"trees={n_trees} search_k={search_k} index={build['bytes'] / 2**20:.0f}MiB",
-        ),
-    ]
+    return dict(
+        base,
+        method="annoy",
+        build_s=build["seconds"],
+        query_s=annoy["seconds"] * scale,
+        total_s=build["seconds"] + annoy["seconds"] * scale,
+        recall=recall(found, truth),
+        build_anon=build["peak_anon"],
+        build_maxrss=build["maxrss"],
+        query_anon=annoy["peak_anon"],
+        query_maxrss=annoy["maxrss"],
+        params=f"trees={n_trees} search_k={search_k} index={build['bytes'] / 2**20:.0f}MiB",
+        steal=None,
+    )
 
 
 def _mib(x) -> str:
@@ -280,14 +324,16 @@ def print_table(results: list[dict], k: int) -> None:
     print()
     print(
         f"{'N':>8} {'D':>5} {'method':>6} {'build_s':>8} {'query_s':>9} {'total_s':>9} "
-        f"{'recall@' + str(k):>9} {'bld_anon':>8} {'bld_rss':>8} {'qry_anon':>8} {'qry_rss':>8}  params"
+        f"{'recall@' + str(k):>9} {'bld_anon':>8} {'bld_rss':>8} {'qry_anon':>8} {'qry_rss':>8} "
+        f"{'steal':>5}  params"
     )
     for r in results:
         star = "*" if r["extrapolated"] else " "
         print(
             f"{r['N']:>8} {r['D']:>5} {r['method']:>6} {r['build_s']:>8.1f} {r['query_s']:>8.1f}{star} "
             f"{r['total_s']:>9.1f} {r['recall']:>9.4f} {_mib(r['build_anon']):>8} "
-            f"{_mib(r['build_maxrss']):>8} {_mib(r['query_anon']):>8} {_mib(r['query_maxrss']):>8}  "
+            f"{_mib(r['build_maxrss']):>8} {_mib(r['query_anon']):>8} {_mib(r['query_maxrss']):>8} "
+            f"{'-' if r.get('steal') is None else format(100 * r['steal'], '.0f') + '%':>5}  "
             f"{r['params']}"
         )
     print(
@@ -298,13 +344,18 @@ def print_table(results: list[dict], k: int) -> None:
     )
     for dim in sorted({r["D"] for r in results}):
         totals = {}
-        for method in ("exact", "annoy"):
+        for method in ("exact", "annoy", "ivf"):
             pts = sorted((r["N"], r["total_s"]) for r in results if r["D"] == dim and r["method"] == method)
             totals[method] = pts
             if len(pts) >= 2:
                 slope = np.polyfit(np.log([p[0] for p in pts]), np.log([p[1] for p in pts]), 1)[0]
                 print(f"D={dim} {method}: total time ~ N^{slope:.2f} (log-log fit over N)")
-        print(f"D={dim}: {crossover(totals['exact'], totals['annoy'])}")
+        if totals["annoy"]:
+            print(f"D={dim}: {crossover(totals['exact'], totals['annoy'])}")
+        if totals["ivf"]:
+            print(f"D={dim}: {crossover(totals['exact'], totals['ivf']).replace('annoy', 'ivf')}; "
+                  + ", ".join(f"N={n}: exact/ivf {e / i:.1f}x" for (n, e), (_, i)
+                              in zip(totals["exact"], totals["ivf"])))
 
 
 def crossover(exact: list[tuple[int, float]], annoy: list[tuple[int, float]]) -> str:
@@ -333,9 +384,13 @@ def main(argv=None) -> None:
     parser.add_argument("--search-k", type=int, default=0, help="0 = default_search_k")
     parser.add_argument("--candidates", type=int, default=0, help="0 = default_candidates")
     parser.add_argument("--workdir", default=None, help="temp dir for vectors and index")
+    parser.add_argument("--methods", default="exact,annoy,ivf",
+                        help="comma list of annoy, ivf (exact always runs: it is the truth)")
+    parser.add_argument("--nlist", type=int, default=0, help="IVF lists, 0 = default_nlist")
+    parser.add_argument("--nprobe", type=int, default=0, help="IVF nprobe, 0 = calibrated")
     # Internal: run one phase (used by the subprocesses).
     parser.add_argument("--phase", choices=sorted(_PHASES), help=argparse.SUPPRESS)
-    for name in ("vectors", "rows", "index", "result"):
+    for name in ("vectors", "rows", "index", "result"):  # noqa: B007
         parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -359,7 +414,8 @@ def main(argv=None) -> None:
                         flush=True,
                     )
     print_table(results, args.k)
-    print(f"benchmark wall time {time.perf_counter() - started:.0f}s, threads={args.threads}")
+    print(f"benchmark wall time {time.perf_counter() - started:.0f}s, threads={args.threads}, "
+          f"load average {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

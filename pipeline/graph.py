@@ -60,6 +60,9 @@ class RunConfig:
     duplicate_threshold: float = 0.97  # near-duplicate groups link at this similarity
     pca_dim: int = 0  # search in a PCA space of this many dimensions (0: full vectors)
     model_lanes: int = 1  # model calls a worker process runs at once
+    nlist: int = 0  # IVF lists (0: from the catalogue size)
+    nprobe: int = 0  # IVF lists probed per product (0: chosen for recall_target)
+    recall_target: float = 0.99  # recall@k the IVF settings aim at; runs below it warn
 
 
 def build_graph(p: beam.Pipeline, config: RunConfig):
@@ -113,15 +116,20 @@ def build_graph(p: beam.Pipeline, config: RunConfig):
         shards = p | "NoShards" >> beam.Create([])
         written.append(feature_files)
     else:
-        index = feature_files | "BuildIndex" >> BuildIndex(
+        built = feature_files | "BuildIndex" >> BuildIndex(
             config.output, config.model.model_id, config.top_k, config.search,
             config.n_trees, config.search_k, config.seed, config.partition_by,
             config.exclude_same, config.pca_dim)
-        queried = index | "QueryNeighbors" >> QueryNeighbors(
-            config.output, config.top_k, config.min_similarity, config.duplicate_threshold)
+        index = built["built"]
+        # Only an Annoy search waits for the forest; exact and IVF queries start from the
+        # planned settings, so the Annoy build is off their critical path.
+        queried = (index if config.search == "annoy" else built["planned"]) | (
+            "QueryNeighbors" >> QueryNeighbors(
+                config.output, config.top_k, config.min_similarity, config.duplicate_threshold,
+                config.nlist, config.nprobe, config.seed, config.recall_target))
         groups = ((features, queried[NEAR_DUPLICATES])
                   | "DuplicateGroups" >> WriteDuplicateGroups(config.output))
-        shards = queried.shards
+        shards = queried["shards"]
         _ = shards | "ProgressShards" >> count_as(progress.NEIGHBOR_SHARDS)
         written.append(groups)
 

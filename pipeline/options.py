@@ -71,9 +71,19 @@ class SimilarityOptions(PipelineOptions):
                             "TFLite interpreter sharing --model_threads, while the process "
                             "decodes the next images; 0 = the engine's best (TFLite: one "
                             "single-threaded interpreter per thread; SavedModel: 1).")
-        parser.add_argument("--search", choices=("auto", "exact", "annoy"), default="auto",
-                            help="Neighbour search: exact cosine, Annoy candidates re-ranked "
-                            "by exact cosine, or chosen by catalogue size.")
+        parser.add_argument("--search", choices=("auto", "exact", "ivf", "annoy"), default="auto",
+                            help="Neighbour search: exact cosine, an inverted file (IVF: "
+                            "k-means lists, exact cosine inside the probed lists), Annoy "
+                            "candidates re-ranked by exact cosine, or auto: exact below the "
+                            "measured crossover, IVF above it.")
+        parser.add_argument("--nlist", type=int, default=0,
+                            help="IVF lists; 0 = 4 * sqrt(catalogue size).")
+        parser.add_argument("--nprobe", type=int, default=0,
+                            help="IVF lists each product searches; 0 = the smallest whose "
+                            "coverage measured on the training sample reaches --recall_target.")
+        parser.add_argument("--recall_target", type=float, default=0.99,
+                            help="recall@top_k the IVF settings aim at; every run estimates its "
+                            "recall on a sample and warns when it falls below this.")
         parser.add_argument("--features_only", action="store_true", default=False,
                             help="Only embed: write features/ and errors/, skip the index and "
                             "the neighbours.")

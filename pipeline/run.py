@@ -216,6 +216,7 @@ def make_config(options: PipelineOptions) -> RunConfig:
         "min_similarity": opts.min_similarity,
         "duplicate_threshold": opts.duplicate_threshold,
         "pca_dim": opts.pca_dim or None,
+        "recall_target": opts.recall_target,
         "runner": options.view_as(StandardOptions).runner or "DirectRunner",
         "workers": workers,
         "versions": library_versions(),
@@ -230,7 +231,8 @@ def make_config(options: PipelineOptions) -> RunConfig:
                      exclude_same=carried_column(catalog, opts.exclude_same, "--exclude_same"),
                      min_similarity=opts.min_similarity,
                      duplicate_threshold=opts.duplicate_threshold, pca_dim=opts.pca_dim,
-                     model_lanes=lanes)
+                     model_lanes=lanes, nlist=opts.nlist, nprobe=opts.nprobe,
+                     recall_target=opts.recall_target)
 
 
 def _phase_line(phases: dict) -> str | None:
@@ -281,14 +283,11 @@ def summarize(manifest: dict, phases: dict | None = None, evaluation: dict | Non
     if "neighbors" in manifest:
         lines.append(f"  neighbours {manifest['neighbors']['products']} products, top "
                      f"{manifest['top_k']} ({manifest['index']['search']} search)")
-    recall = manifest.get("recall")
-    if isinstance(recall, dict) and recall.get("estimate") is not None:
-        target = recall.get("target")
-        low = target is not None and recall["estimate"] < target
-        lines.append(f"  recall    @{manifest['top_k']} estimate {recall['estimate']:.4f} on "
-                     f"{recall.get('sample', '?')} products"
-                     + (f" (target {target})" if target is not None else "")
-                     + ("  BELOW TARGET" if low else ""))
+    recall = (manifest.get("neighbors") or {}).get("recall_estimate") or {}
+    if recall.get("recall") is not None:
+        lines.append(f"  recall    @{recall['k']} estimate {recall['recall']:.4f} on "
+                     f"{recall['sampled']} sampled products (target {recall['target']})"
+                     + ("  BELOW TARGET" if recall.get("below_target") else ""))
     if evaluation:
         label = evaluation.get("label_column") or "label"
         precision = {k: v for k, v in evaluation.items() if k.startswith("precision@")

@@ -273,11 +273,12 @@ def test_load_vectors_refuses_pickle_and_wrong_dtype(tmp_path):
 
 def test_choose_search():
     assert ss.choose_search(1000) == "exact"
-    assert ss.choose_search(ss.EXACT_MAX_N) == "exact"
-    assert ss.choose_search(ss.EXACT_MAX_N + 1) == "annoy"
+    assert ss.choose_search(ss.IVF_MIN_N) == "exact"
+    assert ss.choose_search(ss.IVF_MIN_N + 1) == "ivf"
     assert ss.choose_search(10, "annoy") == "annoy"
+    assert ss.choose_search(10, "ivf") == "ivf"
     assert ss.choose_search(10**8, "exact") == "exact"
-    assert ss.choose_search(500, exact_max_n=100) == "annoy"
+    assert ss.choose_search(500, exact_max_n=100) == "ivf"
     with pytest.raises(ValueError):
         ss.choose_search(10, "faiss")
 
@@ -311,5 +312,6 @@ def test_auto_threshold_follows_the_measured_crossover_by_dimension():
 
     assert exact_max_n_for(1280) == EXACT_MAX_N
     assert exact_max_n_for(256) >= 1_000_000 > exact_max_n_for(512) > EXACT_MAX_N
-    assert choose_search(300_000, "auto", exact_max_n_for(256)) == "exact"
-    assert choose_search(300_000, "auto", exact_max_n_for(1280)) == "annoy"
+    # Above IVF_MIN_N the inverted file beats both, whatever the dimension.
+    assert choose_search(300_000, "auto", exact_max_n_for(256)) == "ivf"
+    assert choose_search(300_000, "auto", exact_max_n_for(1280)) == "ivf"

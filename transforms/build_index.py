@@ -165,8 +165,8 @@ class BuildAnnoyFn(beam.DoFn):
         self._search_k = search_k
         self._seed = seed
 
-    def process(self, part: dict):
-        started = time.time()
+    def plan(self, part: dict) -> dict:
+        """The partition's search settings (no index built yet): what the queries need."""
         n, dim = part["count"], part["dim"]
         search = similarity_search.choose_search(
             n, self._search, similarity_search.exact_max_n_for(dim) if dim else
@@ -176,30 +176,42 @@ class BuildAnnoyFn(beam.DoFn):
         candidates = similarity_search.default_candidates(query_k)
         search_k = self._search_k or similarity_search.default_search_k(max(n_trees, 1),
                                                                         candidates)
+        return dict(part, search=search, n_trees=int(n_trees), search_k=int(search_k),
+                    candidates=int(candidates), query_k=int(query_k), seed=int(self._seed),
+                    files={"annoy": ANNOY_FILE if n else None, "vectors": VECTORS_FILE,
+                           "ids": IDS_FILE})
+
+    def process(self, part: dict):
+        started = time.time()
+        planned = part if "search" in part else self.plan(part)
+        n, dim = planned["count"], planned["dim"]
         if n:
             with tempfile.TemporaryDirectory(prefix="similarity-annoy-") as local, \
                     files.staged_output(files.join(part["index_dir"], ANNOY_FILE)) as staged:
                 vectors = similarity_search.load_vectors(
                     files.local_path(files.join(part["index_dir"], VECTORS_FILE), local),
                     mmap=True)
-                similarity_search.build_annoy_index(vectors, staged, n_trees, self._seed)
+                similarity_search.build_annoy_index(vectors, staged, planned["n_trees"],
+                                                    self._seed)
                 del vectors
+        annoy_seconds = time.time() - started
         meta = {
             "model": part["model"],
             "partition": part["partition"],
             "dim": dim,
             "metric": "angular",
-            "n_trees": int(n_trees),
+            "n_trees": planned["n_trees"],
             "seed": int(self._seed),
             "count": int(n),
-            "search": search,
-            "search_k": int(search_k),
-            "candidates": int(candidates),
+            "search": planned["search"],
+            "search_k": planned["search_k"],
+            "candidates": planned["candidates"],
             "top_k": int(self._top_k),
-            "query_k": int(query_k),
-            "files": {"annoy": ANNOY_FILE if n else None, "vectors": VECTORS_FILE,
-                      "ids": IDS_FILE},
-            "build_seconds": round(part["split_seconds"] + time.time() - started, 3),
+            "query_k": planned["query_k"],
+            "files": dict(planned["files"], **({"ivf_centroids": "ivf_centroids.npy"}
+                                               if planned["search"] == "ivf" else {})),
+            "build_seconds": round(part["split_seconds"] + annoy_seconds, 3),
+            "annoy_build_seconds": round(annoy_seconds, 3),
         }
         files.write_json(files.join(part["index_dir"], META_FILE), meta)
         yield dict(meta, index_dir=part["index_dir"])
@@ -219,6 +231,10 @@ class BuildIndex(beam.PTransform):
         self._partitioned = partition_column is not None
 
     def expand(self, feature_paths):
+        """Returns ``{"planned": …, "built": …}``: the partitions' search settings as soon as
+        their vectors are written (the neighbour queries start from these), and the
+        descriptions after each Annoy forest is built (the artefact for new-image look-ups,
+        off the neighbours' critical path unless the search itself is Annoy)."""
         # Once, with every shard name as a side input: the split starts when the
         # feature files are final.
         parts = (feature_paths.pipeline
@@ -227,4 +243,5 @@ class BuildIndex(beam.PTransform):
                                                    beam.pvalue.AsList(feature_paths)))
         if self._partitioned:  # one Annoy build per partition, spread over the workers
             parts = parts | "SpreadPartitions" >> beam.Reshuffle()
-        return parts | "BuildAnnoy" >> beam.ParDo(self._build)
+        planned = parts | "PlanSearch" >> beam.Map(self._build.plan)
+        return {"planned": planned, "built": planned | "BuildAnnoy" >> beam.ParDo(self._build)}

@@ -133,13 +133,14 @@ class QueryNeighborsFn(beam.DoFn):
         key = work["index_dir"]
         if key not in self._loaded:
             self._loaded = {key: _LoadedIndex(key, work["dim"], work["files"]["annoy"]
-                                              is not None)}
+                                              is not None and work["search"] == "annoy")}
         return self._loaded[key]
 
     def process(self, work: dict):
         started = time.time()
         start, end = work["start"], work["end"]
-        records, flat = [], []
+        index = indices = sims = None
+        recall = (0, 0, 0)
         if end > start:
             index = self._index(work)
             rows = np.arange(start, end, dtype=np.int64)
@@ -152,50 +153,88 @@ class QueryNeighborsFn(beam.DoFn):
                 indices, sims = similarity_search.annoy_top_k(
                     index.annoy, index.vectors, rows, query_k,
                     candidates=work["candidates"], search_k=work["search_k"])
-            records, flat = neighbor_records(index.product_ids, rows, indices, sims,
-                                             self._top_k, self._min_similarity,
-                                             index.exclude_keys)
-            self._queried.inc(len(records))
-            if self._duplicate_threshold is not None:
-                for pair in flat:
-                    a, b = pair["master_pi"], pair["similar_pi"]
-                    if pair["similarity"] >= self._duplicate_threshold and a < b:
-                        yield beam.pvalue.TaggedOutput(NEAR_DUPLICATES,
-                                                       (a, b, pair["similarity"]))
-        shard, n_shards = work["shard"], work["n_shards"]
-        files.write_jsonl(
-            files.join(self._output_dir, NEIGHBORS_DIR,
-                       shard_name(NEIGHBORS_PREFIX, shard, n_shards)),
-            records)
-        files.write_jsonl(
-            files.join(self._output_dir, shard_name(FLAT_PREFIX, shard, n_shards)),
-            flat)
-        yield {"shard": shard, "rows": len(records), "pairs": len(flat),
-               "full_lists": sum(1 for r in records
-                                 if len(r["neighbors"]) >= min(self._top_k, work["count"] - 1)),
-               "seconds": round(time.time() - started, 3)}
+                # Annoy is approximate: measure it on the run's recall sample.
+                from transforms.ivf_neighbors import recall_hits, recall_rows
+                sample = recall_rows(work["count"], work.get("seed", 42))
+                sample = sample[(sample >= start) & (sample < end)]
+                recall = recall_hits(index.vectors, sample, sims[sample - start],
+                                     sims.shape[1]) + (len(sample),)
+        yield from write_shard(self, work, index, indices, sims, started, recall)
+
+
+def write_shard(fn: "QueryNeighborsFn", work: dict, index, indices, sims, started: float,
+                recall: tuple[int, int, int] = (0, 0, 0)):
+    """Write one shard's neighbour and flat-pair files from its top-k rows and sims.
+
+    Shared by the exact/Annoy stage and the IVF stage so both write the same
+    contract. Yields near-duplicate pairs (tagged) and the shard summary,
+    which carries the shard's recall-sample figures (``recall``: hits, wanted,
+    sampled products).
+    """
+    start, end = work["start"], work["end"]
+    records, flat = [], []
+    if end > start:
+        rows = np.arange(start, end, dtype=np.int64)
+        records, flat = neighbor_records(index.product_ids, rows, indices, sims,
+                                         fn._top_k, fn._min_similarity, index.exclude_keys)
+        fn._queried.inc(len(records))
+        if fn._duplicate_threshold is not None:
+            for pair in flat:
+                a, b = pair["master_pi"], pair["similar_pi"]
+                if pair["similarity"] >= fn._duplicate_threshold and a < b:
+                    yield beam.pvalue.TaggedOutput(NEAR_DUPLICATES, (a, b, pair["similarity"]))
+    shard, n_shards = work["shard"], work["n_shards"]
+    files.write_jsonl(
+        files.join(fn._output_dir, NEIGHBORS_DIR, shard_name(NEIGHBORS_PREFIX, shard, n_shards)),
+        records)
+    files.write_jsonl(
+        files.join(fn._output_dir, shard_name(FLAT_PREFIX, shard, n_shards)), flat)
+    yield {"shard": shard, "rows": len(records), "pairs": len(flat),
+           "full_lists": sum(1 for r in records
+                             if len(r["neighbors"]) >= min(fn._top_k, work["count"] - 1)),
+           "seconds": round(time.time() - started, 3),
+           "search": work.get("search"), "nlist": work.get("nlist"),
+           "nprobe": work.get("nprobe"), "recall_hits": recall[0], "recall_wanted": recall[1],
+           "recall_sampled": recall[2]}
 
 
 class QueryNeighbors(beam.PTransform):
     """Index descriptions → neighbour shards written.
 
-    Main output: one summary per shard; ``near_duplicates``: pairs at or above
-    the duplicate threshold.
+    Exact and Annoy indexes are queried shard by shard against the memory-
+    mapped index; IVF indexes go through :class:`transforms.ivf_neighbors.IvfNeighbors`
+    (lists grouped across workers). Main output: one summary per shard;
+    ``near_duplicates``: pairs at or above the duplicate threshold.
     """
 
     def __init__(self, output_dir: str, top_k: int, min_similarity: float | None = None,
-                 duplicate_threshold: float | None = None):
+                 duplicate_threshold: float | None = None, nlist: int = 0, nprobe: int = 0,
+                 seed: int = 42, recall_target: float = 0.99):
         super().__init__()
+        from transforms.ivf_neighbors import IvfNeighbors, TrainIvfFn
+
         self._fn = QueryNeighborsFn(output_dir, top_k, min_similarity, duplicate_threshold)
+        self._train = TrainIvfFn(nlist, nprobe, seed, recall_target)
+        self._ivf = IvfNeighbors(output_dir, top_k, min_similarity, duplicate_threshold, seed)
 
     def expand(self, indexes):
-        return (indexes.pipeline
+        trained = indexes | "TrainIvf" >> beam.ParDo(self._train)
+        work = (indexes.pipeline
                 | "Once" >> beam.Impulse()
                 | "PlanShards" >> beam.FlatMap(lambda _, every: plan_shards(every),
-                                               beam.pvalue.AsList(indexes))
-                | "SpreadShards" >> beam.Reshuffle()
-                | "Query" >> beam.ParDo(self._fn).with_outputs(NEAR_DUPLICATES,
-                                                               main="shards"))
+                                               beam.pvalue.AsList(trained))
+                | "SpreadShards" >> beam.Reshuffle())
+        by_mode = work | "ByMode" >> beam.Partition(
+            lambda w, _n: 1 if w.get("search") == "ivf" else 0, 2)
+        direct = by_mode[0] | "Query" >> beam.ParDo(self._fn).with_outputs(
+            NEAR_DUPLICATES, main="shards")
+        inverted = by_mode[1] | "Ivf" >> self._ivf
+        return {
+            "shards": (direct.shards, inverted.shards) | "AllShards" >> beam.Flatten(),
+            NEAR_DUPLICATES: ((direct[NEAR_DUPLICATES], inverted[NEAR_DUPLICATES])
+                              | "AllNearDuplicates" >> beam.Flatten()),
+            "indexes": trained,
+        }
 
 
 def clear_stale_shards(output_dir: str) -> None:

@@ -9,6 +9,8 @@ result, so the presence of ``manifest.json`` means the output is complete.
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
 from collections import Counter
 
@@ -34,6 +36,29 @@ def index_summary(indexes: list[dict]) -> dict:
         summary["partitions"] = {str(i["partition"]): {k: i[k] for k in (
             "count", "search", "n_trees")} for i in indexes}
     return summary
+
+
+def recall_estimate(settings: dict, shards: list) -> dict:
+    """The run's recall@k estimate from the shards' sampled products.
+
+    Exact indexes are exact by construction (recall 1.0, nothing sampled);
+    Annoy and IVF shards measured their share of the recall sample against
+    exact search (see ``transforms.ivf_neighbors.recall_hits``).
+    """
+    target = settings.get("recall_target", 0.99)
+    wanted = sum(s.get("recall_wanted", 0) for s in shards)
+    hits = sum(s.get("recall_hits", 0) for s in shards)
+    approximate = any(s.get("search") in ("ivf", "annoy") for s in shards)
+    k = settings.get("top_k")
+    if not approximate:
+        return {"recall": 1.0, "k": k, "sampled": 0, "target": target, "below_target": False,
+                "method": "exact search"}
+    recall = hits / wanted if wanted else None
+    return {"recall": None if recall is None else round(recall, 4), "k": k,
+            "sampled": sum(s.get("recall_sampled", 0) for s in shards),
+            "neighbours_checked": wanted, "target": target,
+            "below_target": recall is not None and recall < target,
+            "method": "published lists of sampled products against exact search"}
 
 
 def build_manifest(settings: dict, counts: RunCounts, index: list | None, shards: list,
@@ -77,20 +102,29 @@ def build_manifest(settings: dict, counts: RunCounts, index: list | None, shards
             "with_full_list": sum(s["full_lists"] for s in shards),
             "pairs": sum(s["pairs"] for s in shards),
             "shards": len(shards),
+            "recall_estimate": recall_estimate(settings, shards),
         },
         timings={
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
             "wall_seconds": round(wall, 2),
             "index_build_seconds": index and round(sum(i["build_seconds"] for i in index), 3),
+            "annoy_build_seconds": index and round(sum(i.get("annoy_build_seconds", 0)
+                                                       for i in index), 3),
             "query_seconds_total": round(sum(s["seconds"] for s in shards), 2),
             "images_per_second": round(embedded / wall, 2) if wall > 0 else None,
         },
     )
+    if manifest.get("index") is not None:
+        ivf = [s for s in shards if s.get("search") == "ivf"]
+        if ivf:
+            manifest["index"]["search"] = "ivf" if len(ivf) == len(shards) else "mixed"
+            manifest["index"]["nlist"] = max(s["nlist"] for s in ivf)
+            manifest["index"]["nprobe"] = max(s["nprobe"] for s in ivf)
     if index is None:  # --features_only: no index and no neighbours in this run
         for key in ("index", "neighbors"):
             manifest.pop(key)
-        for key in ("index_build_seconds", "query_seconds_total"):
+        for key in ("index_build_seconds", "annoy_build_seconds", "query_seconds_total"):
             manifest["timings"].pop(key)
     return manifest
 
@@ -114,6 +148,13 @@ class WriteManifest(beam.PTransform):
         def write(_, counts, index, shards, **_waits):
             manifest = build_manifest(settings, RunCounts(counts), index or None, shards,
                                       started_at)
+            recall = manifest.get("neighbors", {}).get("recall_estimate", {})
+            if recall.get("below_target"):
+                message = (f"WARNING: estimated recall@{recall['k']} {recall['recall']:.4f} is "
+                           f"below the target {recall['target']} ({recall['sampled']} sampled "
+                           f"products); raise --nprobe or use --search=exact")
+                logging.warning(message)
+                print(message, file=sys.stderr)
             files.write_json(path, manifest)
             yield manifest
 

@@ -1,0 +1,166 @@
+"""The inverted-file neighbour stage: kernels against exact search, and the Beam stage."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("faiss")
+
+from pipeline import ivf, similarity_search  # noqa: E402
+
+
+def clustered(n, dim, seed=0, groups=40):
+    """Unit vectors in uneven clusters, like products of a few categories."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((groups, dim)).astype(np.float32)
+    labels = rng.choice(groups, size=n, p=rng.dirichlet(np.ones(groups)))
+    x = centres[labels] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_all_probed_lists_equal_exact_search():
+    v = clustered(3000, 32)
+    rows, sims, info = ivf.ivf_all_knn(v, 10, nlist=16, nprobe=16)
+    exact_rows, exact_sims = similarity_search.exact_top_k(v, v, 10, query_rows=np.arange(3000))
+    np.testing.assert_allclose(sims, exact_sims, atol=1e-5)
+    assert (rows == exact_rows).mean() > 0.999  # only float-rounding ties may swap
+    assert info["nprobe"] == 16
+
+
+def test_auto_nprobe_reaches_recall_target():
+    v = clustered(8000, 48, seed=3)
+    rows, sims, info = ivf.ivf_all_knn(v, 20, recall_target=0.99)
+    q = np.arange(0, 8000, 7)
+    _, exact_sims = similarity_search.exact_top_k(v[q], v, 20, query_rows=q)
+    recall = (sims[q] >= exact_sims[:, -1:] - 1e-6).mean()
+    assert recall >= 0.99, (recall, info)
+    assert info["nprobe"] < info["nlist"]  # it really is approximate, not a full scan
+
+
+def test_ties_go_to_lower_row_and_merge_order_does_not_matter():
+    base = clustered(200, 16, seed=5)
+    v = np.concatenate([base, base[:50]])  # 50 exact duplicates: ties
+    members = np.arange(len(v))
+    sims_rows, sims = ivf.search_list(members, v, members[:60], v[:60], 5)
+    exact_rows, _ = similarity_search.exact_top_k(v[:60], v, 5, query_rows=np.arange(60))
+    assert (sims_rows == exact_rows).all()
+    a = ivf.CandidateMerger(0, 4, 2, 3)
+    b = ivf.CandidateMerger(0, 4, 2, 3)
+    p1 = (np.array([0, 1]), np.array([[5, 6, 7], [8, 9, 3]]), np.full((2, 3), 0.5, np.float32))
+    p2 = (np.array([0, 2]), np.array([[2, 1, 9], [4, 4, 4]]), np.full((2, 3), 0.5, np.float32))
+    a.add(*p1), a.add(*p2)
+    b.add(*p2), b.add(*p1)
+    for x, y in zip(a.top_k(), b.top_k()):
+        assert np.array_equal(x, y)
+    assert a.top_k()[0][0].tolist() == [1, 2, 5]
+
+
+def test_search_list_never_returns_the_query_itself():
+    v = clustered(50, 8)
+    rows, sims = ivf.search_list(np.arange(50), v, np.arange(50), v, 49)
+    assert not (rows == np.arange(50)[:, None]).any()
+
+
+def test_centroids_are_deterministic():
+    v = clustered(5000, 16, seed=9)
+    a = ivf.train_centroids(v, 40, seed=1)
+    b = ivf.train_centroids(v, 40, seed=1)
+    assert a.tobytes() == b.tobytes()
+
+
+def test_auto_chooses_exact_for_small_and_ivf_for_large():
+    assert similarity_search.choose_search(4765, "auto") == "exact"
+    assert similarity_search.choose_search(500_000, "auto") == "ivf"
+    assert similarity_search.choose_search(500_000, "annoy") == "annoy"
+
+
+def _write_features(path, v):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    ids = [f"p{i:05d}" for i in range(len(v))]
+    table = pa.table({"product_id": ids, "embedding": pa.array(list(v), type=pa.list_(pa.float32())),
+                      "model": ["m"] * len(v)})
+    pq.write_table(table, path)
+    return ids
+
+
+def _run_stage(tmp_path, v, search, extra):
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from transforms.build_index import BuildIndex
+    from transforms.query_neighbors import QueryNeighbors
+
+    out = tmp_path / search
+    os.makedirs(out / "features")
+    feature_file = str(out / "features" / "features-00000-of-00001.parquet")
+    _write_features(feature_file, v)
+    opts = PipelineOptions(extra)
+    with beam.Pipeline(options=opts) as p:
+        built = (p | beam.Create([feature_file])
+                 | BuildIndex(str(out), "m", 10, search, seed=7))
+        queried = built["planned"] | QueryNeighbors(str(out), 10, seed=7)
+        _ = queried["shards"] | beam.Map(
+            lambda s, path=str(out / "summary.jsonl"): open(path, "a").write(json.dumps(s) + "\n"))
+    lines = {}
+    for name in sorted(glob.glob(str(out / "neighbors" / "*.jsonl"))):
+        for line in open(name):
+            rec = json.loads(line)
+            lines[rec["product_id"]] = rec["neighbors"]
+    shards = sorted(glob.glob(str(out / "neighbors" / "*.jsonl")))
+    data = b"".join(open(s, "rb").read() for s in shards)
+    summary = [json.loads(x) for x in open(out / "summary.jsonl")]
+    return lines, data, summary
+
+
+def test_beam_ivf_stage_multiprocessing_matches_exact(tmp_path):
+    """The 'done when' test: IVF on DirectRunner with two worker processes vs exact search."""
+    v = clustered(6000, 24, seed=11)
+    mp = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+    ivf_lines, ivf_bytes, summary = _run_stage(tmp_path, v, "ivf", mp)
+    exact_lines, _, _ = _run_stage(tmp_path, v, "exact", [])
+    assert set(ivf_lines) == set(exact_lines) and len(ivf_lines) == 6000
+    hits = wanted = 0
+    for pid, exact in exact_lines.items():
+        found = ivf_lines[pid]
+        assert len(found) == 10 and pid not in [n["product_id"] for n in found]
+        sims = [n["similarity"] for n in found]
+        assert sims == sorted(sims, reverse=True)
+        hits += sum(1 for n in found if n["similarity"] >= exact[-1]["similarity"])
+        wanted += 10
+    assert hits / wanted >= 0.99
+    assert all(s["search"] == "ivf" for s in summary)
+    measured = sum(s["recall_hits"] for s in summary) / sum(s["recall_wanted"] for s in summary)
+    assert measured >= 0.99 and sum(s["recall_sampled"] for s in summary) == 1000
+    # same input and seed → byte-identical neighbours, even on another runner mode
+    again_lines, again_bytes, _ = _run_stage(tmp_path / "again", v, "ivf", [])
+    assert again_bytes == ivf_bytes
+
+
+def test_recall_estimate_flags_runs_below_target():
+    from transforms.write_manifest import recall_estimate
+
+    settings = {"top_k": 20, "recall_target": 0.99}
+    low = [{"search": "ivf", "recall_hits": 950, "recall_wanted": 1000, "recall_sampled": 50}]
+    est = recall_estimate(settings, low)
+    assert est["recall"] == 0.95 and est["below_target"] and est["sampled"] == 50
+    ok = [{"search": "ivf", "recall_hits": 995, "recall_wanted": 1000, "recall_sampled": 50}]
+    assert not recall_estimate(settings, ok)["below_target"]
+    exact = recall_estimate(settings, [{"search": "exact"}])
+    assert exact["recall"] == 1.0 and exact["sampled"] == 0
+
+
+def test_recall_hits_counts_ties_as_found():
+    from transforms.ivf_neighbors import recall_hits
+
+    v = clustered(500, 8, seed=2)
+    rows = np.arange(0, 500, 5)
+    _, sims = similarity_search.exact_top_k(v[rows], v, 10, query_rows=rows)
+    assert recall_hits(v, rows, sims, 10) == (1000, 1000)
+    worse = sims.copy()
+    worse[:, 0] = -1.0  # one neighbour per product missed
+    assert recall_hits(v, rows, np.sort(worse, axis=1)[:, ::-1], 10)[0] == 900

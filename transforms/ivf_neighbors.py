@@ -1,0 +1,215 @@
+"""The inverted-file (IVF) neighbour stage, spread over workers by list id.
+
+Steps (each a Beam stage; none holds more than a sample or one list's
+members and queries in memory):
+
+1. ``TrainIvf`` — per partition index whose search is ``ivf``: read a seeded
+   sample of rows from the memory-mapped ``vectors.npy``, train spherical
+   k-means centroids, measure list coverage on the sample and choose
+   ``nprobe`` for the recall target (unless ``--nprobe`` is given); save
+   ``index/ivf_centroids.npy`` and add ``nlist`` / ``nprobe`` to the
+   description.
+2. ``AssignFn`` — per output shard (a fixed row range): each row's
+   ``nprobe`` nearest centroids. Emits, keyed by ``(index_dir, list)``, the
+   shard's members of that list and the shard's rows probing it.
+3. ``GroupByKey`` on the list, then ``SearchListFn``: exact cosine of the
+   list's members against every query probing it; emits each query piece's
+   top-k candidates keyed by its shard.
+4. ``GroupByKey`` on the shard, then ``MergeWriteFn``: merge the candidates
+   of the shard's rows (ties by row), write the shard's ``neighbors/`` and
+   flat-pair files exactly like the exact stage, and measure recall on the
+   shard's rows of the run's recall sample (exact search against the
+   memory-mapped vectors).
+
+Peak memory of one worker (bytes, f = 4): step 3 holds one list's members
+and queries, ``(1 + nprobe) * (N / nlist) * D * f`` for average lists (the
+largest list sets the peak), plus one similarity tile of at most
+``ivf.LIST_TILE_ENTRIES * f``; step 4 holds one shard's candidates,
+``rows_per_shard * nprobe * query_k * 12``; step 1 the sample,
+``40 * nlist * D * f``. Bytes shuffled: ``(1 + nprobe) * N * D * f`` into
+step 3 and ``N * nprobe * query_k * 12`` into step 4.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+
+import apache_beam as beam
+import numpy as np
+
+from pipeline import files, ivf, similarity_search
+from transforms.build_index import IDS_FILE, VECTORS_FILE
+
+CENTROIDS_FILE = "ivf_centroids.npy"
+RECALL_SAMPLE = 1_000  # products per run whose lists are checked against exact search
+
+
+def _local_dir(index_dir: str) -> str:
+    """The index directory on this worker's disk (copied once from an object store)."""
+    if files.is_local(index_dir):
+        return index_dir
+    cache = os.path.join(tempfile.gettempdir(), "similarity-index-" + hashlib.sha1(
+        index_dir.encode()).hexdigest()[:16])
+    for name in (VECTORS_FILE, IDS_FILE, CENTROIDS_FILE):
+        if name != CENTROIDS_FILE or files.exists(files.join(index_dir, name)):
+            files.copy_to_local(files.join(index_dir, name), cache)
+    return cache
+
+
+def recall_rows(count: int, seed: int) -> np.ndarray:
+    """The rows of an index whose published lists are checked against exact search."""
+    return ivf.sample_rows(count, min(RECALL_SAMPLE, count), seed + 1)
+
+
+def recall_hits(vectors, rows: np.ndarray, found_sims: np.ndarray, k: int) -> tuple[int, int]:
+    """(hits, wanted): published neighbours at least as similar as exact search's k-th.
+
+    Counting by similarity (with a 1e-6 float margin) instead of by id makes
+    ties at the k-th place count as found, whichever of the tied products was
+    kept.
+    """
+    if len(rows) == 0 or k == 0:
+        return 0, 0
+    _, exact_sims = similarity_search.exact_top_k(np.asarray(vectors[rows]), vectors, k,
+                                                  query_rows=rows)
+    kk = exact_sims.shape[1]
+    threshold = exact_sims[:, -1:] - 1e-6
+    hits = int((found_sims[:, :kk] >= threshold).sum())
+    return hits, int(len(rows) * kk)
+
+
+class TrainIvfFn(beam.DoFn):
+    """One index description → the same with ``nlist``, ``nprobe`` and centroids (IVF only)."""
+
+    def __init__(self, nlist: int, nprobe: int, seed: int, recall_target: float):
+        self._nlist, self._nprobe = nlist, nprobe
+        self._seed, self._target = seed, recall_target
+
+    def process(self, part: dict):
+        if part.get("search") != "ivf" or part["count"] == 0:
+            yield part
+            return
+        started = time.time()
+        vectors = similarity_search.load_vectors(
+            os.path.join(_local_dir(part["index_dir"]), VECTORS_FILE), mmap=True)
+        n = part["count"]
+        nlist = int(self._nlist or ivf.default_nlist(n))
+        sample = np.asarray(vectors[ivf.sample_rows(n, ivf.train_sample_size(n, nlist),
+                                                    self._seed)])
+        centroids = ivf.train_centroids(sample, nlist, self._seed)
+        coverage = {}
+        nprobe = self._nprobe
+        if not nprobe:
+            coverage = ivf.list_coverage(sample, centroids, min(part["query_k"], n - 1),
+                                         seed=self._seed)
+            nprobe = ivf.choose_nprobe(coverage, self._target)
+        del sample
+        path = files.join(part["index_dir"], CENTROIDS_FILE)
+        with files.staged_output(path) as staged:
+            np.save(staged, centroids, allow_pickle=False)
+        yield dict(part, nlist=int(len(centroids)), nprobe=int(min(nprobe, len(centroids))),
+                   ivf_coverage={str(p): round(c, 4) for p, c in coverage.items()},
+                   ivf_centroids=CENTROIDS_FILE,
+                   ivf_train_seconds=round(time.time() - started, 3))
+
+
+class AssignFn(beam.DoFn):
+    """One shard (row range) → per list: its members there and its rows probing the list."""
+
+    def __init__(self):
+        self._cache: dict = {}
+
+    def _load(self, index_dir):
+        if index_dir not in self._cache:
+            local = _local_dir(index_dir)
+            self._cache = {index_dir: (
+                similarity_search.load_vectors(os.path.join(local, VECTORS_FILE), mmap=True),
+                np.load(os.path.join(local, CENTROIDS_FILE), allow_pickle=False))}
+        return self._cache[index_dir]
+
+    def process(self, work: dict):
+        start, end = work["start"], work["end"]
+        if end <= start:
+            return
+        vectors, centroids = self._load(work["index_dir"])
+        block = np.asarray(vectors[start:end])
+        probes = ivf.assign_lists(block, centroids, work["nprobe"])
+        members, queries = ivf.invert(probes, len(centroids))
+        for lst in range(len(centroids)):
+            m, q = members[lst], queries[lst]
+            if len(m):
+                yield (work["index_dir"], lst), ("m", m + start, block[m])
+            if len(q):
+                yield (work["index_dir"], lst), ("q", q + start, block[q], work)
+
+
+class SearchListFn(beam.DoFn):
+    """One list's members and queries → each query piece's top-k candidates, keyed by shard."""
+
+    def process(self, element):
+        _, pieces = element
+        pieces = list(pieces)
+        members = [p for p in pieces if p[0] == "m"]
+        if not members:
+            return
+        rows = np.concatenate([p[1] for p in members])
+        vecs = np.concatenate([p[2] for p in members])
+        order = np.argsort(rows, kind="stable")  # arrival order must not matter
+        rows, vecs = rows[order], vecs[order]
+        for _, q_rows, q_vecs, work in (p for p in pieces if p[0] == "q"):
+            found, sims = ivf.search_list(rows, vecs, q_rows, q_vecs, work["query_k"])
+            yield work["shard"], (work, q_rows, found, sims)
+
+
+class MergeWriteFn(beam.DoFn):
+    """One shard's candidates → its neighbour files; yields the shard summary (and near-dups)."""
+
+    def __init__(self, output_dir: str, top_k: int, min_similarity, duplicate_threshold,
+                 seed: int):
+        from transforms.query_neighbors import QueryNeighborsFn
+
+        self._writer = QueryNeighborsFn(output_dir, top_k, min_similarity, duplicate_threshold)
+        self._seed = seed
+
+    def process(self, element):
+        from transforms.query_neighbors import write_shard
+
+        _, pieces = element
+        pieces = list(pieces)
+        started = time.time()
+        work = pieces[0][0]
+        merger = ivf.CandidateMerger(work["start"], work["end"], work["nprobe"],
+                                     work["query_k"])
+        for _, q_rows, found, sims in pieces:
+            merger.add(q_rows, found, sims)
+        k_out = min(work["query_k"], work["count"] - 1)
+        indices, sims = merger.top_k(k_out)
+        index = self._writer._index(dict(work, files={"annoy": None}))
+        sample = recall_rows(work["count"], self._seed)
+        sample = sample[(sample >= work["start"]) & (sample < work["end"])]
+        hits, wanted = recall_hits(index.vectors, sample, sims[sample - work["start"]], k_out)
+        yield from write_shard(self._writer, work, index, indices, sims, started,
+                               recall=(hits, wanted, len(sample)))
+
+
+class IvfNeighbors(beam.PTransform):
+    """Shard work items of IVF indexes (after ``TrainIvfFn``) → shard summaries, near-dups."""
+
+    def __init__(self, output_dir: str, top_k: int, min_similarity, duplicate_threshold,
+                 seed: int):
+        super().__init__()
+        self._merge = MergeWriteFn(output_dir, top_k, min_similarity, duplicate_threshold, seed)
+
+    def expand(self, work):
+        from transforms.query_neighbors import NEAR_DUPLICATES
+
+        return (work
+                | "Assign" >> beam.ParDo(AssignFn())
+                | "GroupByList" >> beam.GroupByKey()
+                | "SearchLists" >> beam.ParDo(SearchListFn())
+                | "GroupByShard" >> beam.GroupByKey()
+                | "MergeWrite" >> beam.ParDo(self._merge).with_outputs(NEAR_DUPLICATES,
+                                                                       main="shards"))
