@@ -52,6 +52,8 @@ class CatalogInfo:
     image_column: str = "image"
     # (manifest column, output column, arrow type as string) of each carried column.
     carried: tuple = field(default_factory=tuple)
+    # Column of precomputed vectors (--embedding_column): the image column is optional.
+    embedding_column: str | None = None
 
     def carried_schema_fields(self) -> list:
         """The Parquet fields of the carried columns, in manifest order."""
@@ -107,10 +109,11 @@ _ARROW_TYPES = {
 }
 
 
-def _carried(columns: list[tuple[str, str]], id_column: str, image_column: str) -> tuple:
+def _carried(columns: list[tuple[str, str]], id_column: str, image_column: str,
+             embedding_column: str | None = None) -> tuple:
     carried = []
     for name, type_str in columns:
-        if name in (id_column, image_column):
+        if name in (id_column, image_column, embedding_column):
             continue
         out = f"manifest_{name}" if name in RESERVED_COLUMNS else name
         carried.append((name, out, type_str if type_str in _ARROW_TYPES else "string"))
@@ -126,7 +129,8 @@ def _require_columns(path: str, columns: list[str], id_column: str, image_column
 
 
 def inspect_catalog(input_path: str, id_column: str = "product_id",
-                    image_column: str = "image") -> CatalogInfo:
+                    image_column: str = "image",
+                    embedding_column: str | None = None) -> CatalogInfo:
     """Check the catalogue is usable and learn its kind and carried columns.
 
     Raises :class:`CatalogError` with one sentence a person can act on when
@@ -167,12 +171,13 @@ def inspect_catalog(input_path: str, id_column: str = "product_id",
     names = [c for c, _ in columns]
     if not names and n_rows == 0:
         raise CatalogError(f"manifest {input_path} is empty")
-    _require_columns(input_path, names, id_column, image_column)
+    _require_columns(input_path, names, id_column, embedding_column or image_column)
     if n_rows == 0:
         raise CatalogError(f"manifest {input_path} has a header but no rows")
     return CatalogInfo(input=input_path, kind=kind, id_column=id_column,
                        image_column=image_column,
-                       carried=_carried(columns, id_column, image_column))
+                       carried=_carried(columns, id_column, image_column, embedding_column),
+                       embedding_column=embedding_column)
 
 
 def _csv_header(head: bytes) -> list[str]:
@@ -256,7 +261,7 @@ class ReadManifestRowsFn(beam.DoFn):
         if invalid is None and not product_id:
             invalid = ("missing_product_id",
                        f"manifest row {row_number + 1} has no {info.id_column}")
-        if invalid is None and not image:
+        if invalid is None and not image and not info.embedding_column:
             invalid = ("missing_image", f"manifest row {row_number + 1} has no {info.image_column}")
         row = {
             "product_id": product_id,
@@ -264,6 +269,8 @@ class ReadManifestRowsFn(beam.DoFn):
             "row_number": row_number,
             "extra": extra,
         }
+        if info.embedding_column:
+            row["vector"] = raw.get(info.embedding_column)
         if invalid is not None:
             row["invalid"] = invalid
         return row
