@@ -48,9 +48,10 @@ def read_neighbors(run_dir: str) -> dict[str, list[tuple[str, float]]]:
 
 
 def read_labels(manifest: str, label_column: str, id_column: str = "product_id",
-                image_column: str = "image") -> dict[str, str]:
+                image_column: str = "image", embedding_column: str | None = None
+                ) -> dict[str, str]:
     """product id → label from a labelled manifest (rows without a label are skipped)."""
-    info = inspect_catalog(manifest, id_column, image_column)
+    info = inspect_catalog(manifest, id_column, image_column, embedding_column)
     carried = {name: out for name, out, _ in info.carried}
     if label_column not in carried:
         raise ValueError(f"{manifest} has no column {label_column!r}")
@@ -154,12 +155,15 @@ def main(argv=None) -> int:
     parser.add_argument("--label_column", default="articleType")
     parser.add_argument("--id_column", default="product_id")
     parser.add_argument("--image_column", default="image")
+    parser.add_argument("--embedding_column", default=None,
+                        help="the labels manifest holds vectors in this column, not images")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--sample", type=int, default=2000)
     args = parser.parse_args(argv)
     if not args.run and not args.compare:
         parser.error("give --run or --compare")
-    labels = (read_labels(args.labels, args.label_column, args.id_column, args.image_column)
+    labels = (read_labels(args.labels, args.label_column, args.id_column, args.image_column,
+                          args.embedding_column)
               if args.labels else None)
     if args.compare:
         results = [evaluate_run(run, labels, args.k, args.sample)

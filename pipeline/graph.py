@@ -26,6 +26,7 @@ from transforms.duplicate_groups import WriteDuplicateGroups
 from transforms.query_neighbors import NEAR_DUPLICATES, QueryNeighbors
 from transforms.read_bytes import ReadImageBytesFn
 from transforms.read_catalog import CatalogInfo, ReadCatalog
+from transforms import read_vectors
 from transforms.reuse_previous import REUSED, ReadPreviousFeatures, SplitUnchangedFn
 from transforms.validate_rows import SplitInvalidRowsFn
 from transforms.write_features import WriteFeatures, features_schema
@@ -67,6 +68,30 @@ class RunConfig:
 
 def build_graph(p: beam.Pipeline, config: RunConfig):
     """Add the whole job to ``p``; returns the PCollection holding the manifest."""
+    if config.catalog.embedding_column:
+        return _build(p, config, *_vector_features(p, config))
+    return _build(p, config, *_image_features(p, config))
+
+
+def _vector_features(p: beam.Pipeline, config: RunConfig):
+    """Precomputed vectors: ReadVectors → ValidateRows → DeduplicateIds → ValidateVectors."""
+    rows = p | "ReadVectors" >> read_vectors.ReadVectors(config.catalog, config.model.dim)
+    valid = rows | "ValidateRows" >> beam.ParDo(SplitInvalidRowsFn()).with_outputs(
+        ERRORS, main="rows")
+    previous = None
+    if config.previous_run:
+        previous = p | "ReadPreviousKeys" >> read_vectors.ReadPreviousVectorKeys(
+            config.previous_run)
+    unique = valid.rows | "DeduplicateIds" >> DeduplicateProductIds(previous)
+    checked = unique.rows | "ValidateVectors" >> beam.ParDo(
+        read_vectors.ValidateVectorsFn(config.model.model_id)).with_outputs(
+        ERRORS, read_vectors.REUSED, main="rows")
+    return (rows, valid, unique, previous is not None, checked.rows,
+            checked[read_vectors.REUSED], [checked[ERRORS]])
+
+
+def _image_features(p: beam.Pipeline, config: RunConfig):
+    """Images: read bytes, reuse unchanged ones, decode and embed the rest."""
     rows = p | "ReadCatalog" >> ReadCatalog(config.catalog)
     valid = rows | "ValidateRows" >> beam.ParDo(SplitInvalidRowsFn()).with_outputs(
         ERRORS, main="rows")
@@ -84,15 +109,20 @@ def build_graph(p: beam.Pipeline, config: RunConfig):
     embedded = decoded.rows | "Embed" >> EmbedImages(
         config.model, batch_size=config.batch_size, threads=config.model_threads,
         lanes=config.model_lanes)
+    return (rows, valid, unique, previous is not None, embedded.features, changed[REUSED],
+            [read[ERRORS], decoded[ERRORS], embedded[ERRORS]])
 
-    if previous is None:  # nothing to reuse: the features are written where they are made
-        features = embedded.features
+
+def _build(p, config, rows, valid, unique, has_previous, new_features, reused, stage_errors):
+    """Everything after the features: the same for images and precomputed vectors."""
+    if not has_previous:  # nothing to reuse: the features are written where they are made
+        features = new_features
     else:
-        features = (embedded.features, changed[REUSED]) | "AllFeatures" >> beam.Flatten()
+        features = (new_features, reused) | "AllFeatures" >> beam.Flatten()
     feature_files = features | "WriteFeatures" >> WriteFeatures(
         config.output, features_schema(config.model, config.catalog))
 
-    errors = ((valid[ERRORS], unique[ERRORS], read[ERRORS], decoded[ERRORS], embedded[ERRORS])
+    errors = ((valid[ERRORS], unique[ERRORS], *stage_errors)
               | "AllErrors" >> beam.Flatten())
     error_files = (errors
                    | "ErrorsToJson" >> beam.Map(files.json_line)
@@ -134,7 +164,7 @@ def build_graph(p: beam.Pipeline, config: RunConfig):
         written.append(groups)
 
     counts = {count_rows.INPUT: rows, count_rows.EMBEDDED: features,
-              count_rows.REUSED: changed[REUSED], count_rows.REMOVED: unique[REMOVED],
+              count_rows.REUSED: reused, count_rows.REMOVED: unique[REMOVED],
               count_rows.FAILED: errors} | "CountRows" >> count_rows.CountRows()
     return ((counts, index, shards, *written)
             | "WriteManifest" >> WriteManifest(config.output, config.settings,

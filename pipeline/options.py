@@ -52,6 +52,16 @@ class SimilarityOptions(PipelineOptions):
                             help="How the model runs: the TFLite/LiteRT interpreter (2-3x "
                             "faster on CPUs), the TensorFlow SavedModel, or auto (TFLite when "
                             "its embeddings match the SavedModel's).")
+        parser.add_argument("--embedding_column", default=None,
+                            help="A manifest column already holding a vector per product "
+                            "(Parquet list<float>, or a JSON array in CSV/JSONL): skips fetch, "
+                            "decode and embed; vectors are L2-normalised and stored as is.")
+        parser.add_argument("--model_id", default=None,
+                            help="With --embedding_column: the id recorded as the vectors' "
+                            "model (default 'external').")
+        parser.add_argument("--embedding_dim", type=int, default=0,
+                            help="With --embedding_column: the vector length; 0 = taken from "
+                            "the data (fixed_size_list or the first valid vector).")
         parser.add_argument("--top_k", type=int, default=DEFAULT_TOP_K,
                             help="Neighbours kept per product.")
         parser.add_argument("--id_column", default="product_id",

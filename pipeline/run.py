@@ -36,6 +36,8 @@ from transforms.duplicate_groups import DUPLICATES_DIR
 from transforms.fetch import FetchConfig
 from transforms.query_neighbors import clear_stale_shards
 from transforms.read_catalog import CatalogError, inspect_catalog, manifest_kind
+from transforms.read_vectors import vector_dim
+from pipeline.vectors import external_model
 from transforms.write_features import FEATURES_DIR
 from transforms.write_manifest import MANIFEST_FILE
 
@@ -112,6 +114,13 @@ def _validate(opts: SimilarityOptions) -> None:
     if opts.run_id is not None and (not opts.run_id or "/" in opts.run_id
                                     or opts.run_id.startswith(".")):
         raise UsageError(f"--run_id must be a plain directory name, got {opts.run_id!r}")
+    if not opts.embedding_column and (opts.model_id or opts.embedding_dim):
+        raise UsageError("--model_id and --embedding_dim need --embedding_column")
+    if opts.embedding_column and manifest_kind(opts.input) is None:
+        raise UsageError("--embedding_column needs a manifest (.parquet, .csv or .jsonl), "
+                         "not an image glob")
+    if opts.embedding_dim < 0:
+        raise UsageError(f"--embedding_dim must be positive, got {opts.embedding_dim}")
     if opts.fetch_concurrency < 1:
         raise UsageError(f"--fetch_concurrency must be at least 1, got {opts.fetch_concurrency}")
 
@@ -178,8 +187,12 @@ def make_config(options: PipelineOptions) -> RunConfig:
     opts = options.view_as(SimilarityOptions)
     _validate(opts)
     started_at = time.time()
-    catalog = inspect_catalog(opts.input, opts.id_column, opts.image_column)
-    model = resolve_model(opts.model, cache_dir=opts.model_cache_dir, engine=opts.engine)
+    catalog = inspect_catalog(opts.input, opts.id_column, opts.image_column,
+                              embedding_column=opts.embedding_column)
+    if catalog.embedding_column:  # precomputed vectors: no model to load, no TensorFlow
+        model = external_model(opts.model_id, opts.embedding_dim or vector_dim(catalog))
+    else:
+        model = resolve_model(opts.model, cache_dir=opts.model_cache_dir, engine=opts.engine)
     carried_column(catalog, opts.eval_label_column, "--eval_label_column")
     run_id = opts.run_id or publish.new_run_id()
     previous, reuse_note = previous_run_for(opts.output, model.model_id, opts.full_rebuild)
@@ -191,8 +204,11 @@ def make_config(options: PipelineOptions) -> RunConfig:
                         max_bytes=opts.max_image_bytes, user_agent=opts.fetch_user_agent,
                         allow_private_hosts=opts.allow_private_hosts,
                         concurrency=opts.fetch_concurrency)
-    batch_size = opts.batch_size or engines.preferred_batch(model.engine)
-    lanes = engines.lanes_for(model.engine, threads, opts.model_lanes)
+    if catalog.embedding_column:
+        batch_size, lanes = 0, 0
+    else:
+        batch_size = opts.batch_size or engines.preferred_batch(model.engine)
+        lanes = engines.lanes_for(model.engine, threads, opts.model_lanes)
     settings = {
         "input": opts.input,
         "output": opts.output,
@@ -201,6 +217,7 @@ def make_config(options: PipelineOptions) -> RunConfig:
         "previous_run": previous,
         "reuse": reuse_note,
         "catalog_kind": catalog.kind,
+        "embedding_column": catalog.embedding_column,
         "model": model.model_id,
         "model_name": model.name,
         "dim": model.dim,
@@ -312,7 +329,8 @@ def evaluate_published_run(run_dir: str, opts: SimilarityOptions) -> dict:
     """Write the run's evaluation.json, with precision by the manifest's label column."""
     from pipeline.evaluate import EVALUATION_FILE, evaluate_run, read_labels
 
-    labels = read_labels(opts.input, opts.eval_label_column, opts.id_column, opts.image_column)
+    labels = read_labels(opts.input, opts.eval_label_column, opts.id_column, opts.image_column,
+                         embedding_column=opts.embedding_column)
     result = evaluate_run(run_dir, labels)
     result["label_column"] = opts.eval_label_column
     files.write_json(files.join(run_dir, EVALUATION_FILE), result)

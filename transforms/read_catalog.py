@@ -63,6 +63,8 @@ class CatalogInfo:
     image_column: str = "image"
     # (manifest column, output column, arrow type as string) of each carried column.
     carried: tuple = field(default_factory=tuple)
+    # Column of precomputed vectors (--embedding_column): the image column is optional.
+    embedding_column: str | None = None
 
     def carried_schema_fields(self) -> list:
         """The Parquet fields of the carried columns, in manifest order."""
@@ -118,11 +120,12 @@ _ARROW_TYPES = {
 }
 
 
-def _carried(columns: list[tuple[str, str]], id_column: str, image_column: str) -> tuple:
+def _carried(columns: list[tuple[str, str]], id_column: str, image_column: str,
+             embedding_column: str | None = None) -> tuple:
     carried = []
     taken = {id_column, image_column}
     for name, type_str in columns:
-        if name in (id_column, image_column):
+        if name in (id_column, image_column, embedding_column):
             continue
         # A JSON key with a lone surrogate cannot name a Parquet column: repaired to U+FFFD
         # (and skipped if that collides with a column already carried).
@@ -143,7 +146,8 @@ def _require_columns(path: str, columns: list[str], id_column: str, image_column
 
 
 def inspect_catalog(input_path: str, id_column: str = "product_id",
-                    image_column: str = "image") -> CatalogInfo:
+                    image_column: str = "image",
+                    embedding_column: str | None = None) -> CatalogInfo:
     """Check the catalogue is usable and learn its kind and carried columns.
 
     Raises :class:`CatalogError` with one sentence a person can act on when
@@ -185,12 +189,13 @@ def inspect_catalog(input_path: str, id_column: str = "product_id",
     names = [c for c, _ in columns]
     if not names and n_rows == 0:
         raise CatalogError(f"manifest {input_path} is empty")
-    _require_columns(input_path, names, id_column, image_column)
+    _require_columns(input_path, names, id_column, embedding_column or image_column)
     if n_rows == 0:
         raise CatalogError(f"manifest {input_path} has a header but no rows")
     return CatalogInfo(input=input_path, kind=kind, id_column=id_column,
                        image_column=image_column,
-                       carried=_carried(columns, id_column, image_column))
+                       carried=_carried(columns, id_column, image_column, embedding_column),
+                       embedding_column=embedding_column)
 
 
 def _jsonl_columns(path: str) -> tuple[list[tuple[str, str]], int]:
@@ -277,7 +282,9 @@ class ReadManifestRowsFn(beam.DoFn):
         try:
             image = resolve_image(image_from(image_cell), base)
         except InvalidValue as exc:
-            if invalid is None:
+            if exc.reason == "missing_image" and info.embedding_column:
+                pass  # a row of precomputed vectors needs no image
+            elif invalid is None:
                 invalid = (exc.reason, f"{where} has no {info.image_column}"
                            if exc.reason == "missing_image" else f"{where}: {exc.message}")
             image = _shown_text(image_cell)
@@ -298,6 +305,8 @@ class ReadManifestRowsFn(beam.DoFn):
             "row_number": row_number,
             "extra": extra,
         }
+        if info.embedding_column:
+            row["vector"] = raw.get(info.embedding_column)
         if invalid is not None:
             row["invalid"] = invalid
         return row

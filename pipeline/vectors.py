@@ -1,0 +1,183 @@
+"""Precomputed embeddings as input ("bring your own vectors"): parse and check one vector.
+
+A manifest may already hold a vector per product (``--embedding_column``), made
+elsewhere (for example CLIP on a GPU). Such a run skips fetch, decode and embed;
+this module turns one manifest cell into the L2-normalised float32 vector the
+``features/`` contract stores, or a short reason code why it cannot:
+
+``null_vector`` (no value), ``not_a_list`` (not an array, or not valid JSON),
+``non_numeric`` (array items that are not numbers), ``wrong_length`` (not the
+run's dimension), ``non_finite`` (NaN or infinity), ``zero_vector`` (all zeros:
+no direction, so no cosine). Plain numpy/pyarrow: no Beam, no model library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.models.registry import ResolvedModel
+
+EXTERNAL_MODEL_ID = "external"
+EXTERNAL_ENGINE = "external"
+
+
+class VectorError(ValueError):
+    """One cell is not a usable vector; ``reason`` is a short snake_case code."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def external_model(model_id: str | None, dim: int) -> ResolvedModel:
+    """The model record of a run on precomputed vectors: id from --model_id or 'external'."""
+    model_id = model_id or EXTERNAL_MODEL_ID
+    return ResolvedModel(name=model_id, handle="", model_id=model_id, input_size=0, dim=dim,
+                         engine=EXTERNAL_ENGINE)
+
+
+def _as_array(value) -> np.ndarray:
+    if value is None:
+        raise VectorError("null_vector", "the embedding cell is empty")
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise VectorError("not_a_list", f"the embedding cell is not UTF-8 text ({exc.reason})")
+    if isinstance(value, str):
+        if not value.strip():
+            raise VectorError("null_vector", "the embedding cell is empty")
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise VectorError("not_a_list", "the embedding cell is not a JSON array of numbers")
+    if isinstance(value, np.ndarray):
+        array = value
+    elif isinstance(value, (list, tuple)):
+        if any(isinstance(v, (bool, str, bytes, list, dict)) or v is None for v in value):
+            raise VectorError("non_numeric", "the embedding holds items that are not numbers")
+        array = np.asarray(value)
+    else:
+        raise VectorError("not_a_list", f"the embedding is a {type(value).__name__}, not a list "
+                          f"of numbers")
+    if array.ndim != 1:
+        raise VectorError("not_a_list", f"the embedding has shape {array.shape}, not a flat list")
+    if array.dtype.kind not in "fiu":
+        raise VectorError("non_numeric", "the embedding holds items that are not numbers")
+    return array
+
+
+def check_vector(value, dim: int) -> np.ndarray:
+    """``value`` (list, array, JSON text) as a unit float32 vector of length ``dim``.
+
+    Raises :class:`VectorError` with the row's reason code otherwise; the
+    pipeline stores the normalised vector because the features contract says
+    embeddings are L2-normalised (cosine = dot product downstream).
+    """
+    array = _as_array(value)
+    if len(array) != dim:
+        raise VectorError("wrong_length", f"the embedding has {len(array)} values, the run's "
+                          f"dimension is {dim}")
+    vector = array.astype(np.float32)
+    if not np.isfinite(vector).all():
+        raise VectorError("non_finite", "the embedding holds NaN or infinite values")
+    norm = float(np.linalg.norm(vector.astype(np.float64)))
+    if norm == 0.0 or not np.isfinite(norm):
+        raise VectorError("zero_vector", "the embedding is all zeros (no direction)")
+    return (vector / np.float32(norm)).astype(np.float32)
+
+
+def vector_length(value) -> int | None:
+    """Length of ``value`` if it parses as a flat numeric list, else None (dim inference)."""
+    try:
+        return len(_as_array(value))
+    except VectorError:
+        return None
+
+
+def vector_sha256(vector: np.ndarray) -> str:
+    """sha256 of the stored vector's float32 bytes: the row's identity for nightly reuse."""
+    return hashlib.sha256(np.ascontiguousarray(vector, dtype="<f4").tobytes()).hexdigest()
+
+
+def parquet_dim(path: str, column: str) -> int | None:
+    """The vector length a Parquet manifest declares (fixed_size_list) or its first row shows."""
+    with FileSystems.open(path) as handle:
+        parquet = pq.ParquetFile(pa.PythonFile(handle, mode="r"))
+        field = parquet.schema_arrow.field(column)
+        if pa.types.is_fixed_size_list(field.type):
+            return field.type.list_size
+        for batch in parquet.iter_batches(batch_size=1024, columns=[column]):
+            for value in batch.column(0).to_pylist():
+                length = vector_length(value)
+                if length:
+                    return length
+    return None
+
+
+def arrow_vectors(column: pa.Array, dim: int) -> list:
+    """Check a whole Arrow column at once: per row a unit float32 vector or a VectorError.
+
+    The fast path for Parquet ``list``/``large_list``/``fixed_size_list`` of
+    numbers: lengths, NaN/inf and zeros are found with array operations instead
+    of one Python list per row. Other column types go row by row.
+    """
+    kind = column.type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)
+            or pa.types.is_fixed_size_list(kind)):
+        return [_checked_or_error(v, dim) for v in column.to_pylist()]
+    if not (pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)):
+        return [VectorError("non_numeric", f"the embedding column holds {kind.value_type}, "
+                            f"not numbers") if v is not None else
+                VectorError("null_vector", "the embedding cell is empty")
+                for v in column.to_pylist()]
+    out: list = [None] * len(column)
+    valid = np.asarray(column.is_valid())
+    if pa.types.is_fixed_size_list(kind):
+        lengths = np.full(len(column), kind.list_size)
+        starts = (np.arange(len(column)) + column.offset) * kind.list_size
+        values = column.values
+    else:
+        offsets = np.asarray(column.offsets)
+        lengths, starts = np.diff(offsets), offsets[:-1]
+        values = column.values
+    flat = values.to_numpy(zero_copy_only=False).astype(np.float32)
+    value_nulls = values.null_count > 0
+    good = valid & (lengths == dim)
+    rows = np.flatnonzero(good)
+    matrix = np.zeros((len(rows), dim), dtype=np.float32)
+    if len(rows):
+        gather = starts[rows][:, None] + np.arange(dim)[None, :]
+        matrix = flat[gather]
+        if value_nulls:
+            null_items = ~np.asarray(values.is_valid())[gather]
+            matrix[null_items] = np.nan
+    finite = np.isfinite(matrix).all(axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], matrix, 0).astype(np.float64), axis=1)
+    for i in np.flatnonzero(~valid):
+        out[i] = VectorError("null_vector", "the embedding cell is empty")
+    for i in np.flatnonzero(valid & (lengths != dim)):
+        out[i] = VectorError("wrong_length", f"the embedding has {lengths[i]} values, the "
+                             f"run's dimension is {dim}")
+    for j, i in enumerate(rows):
+        if not finite[j]:
+            out[i] = VectorError("non_finite", "the embedding holds NaN, infinite or null values")
+        elif norms[j] == 0.0:
+            out[i] = VectorError("zero_vector", "the embedding is all zeros (no direction)")
+        else:
+            out[i] = (matrix[j] / np.float32(norms[j])).astype(np.float32)
+    return out
+
+
+def _checked_or_error(value, dim: int):
+    try:
+        return check_vector(value, dim)
+    except VectorError as exc:
+        return exc
