@@ -109,6 +109,8 @@ def _image_features(p: beam.Pipeline, config: RunConfig):
     embedded = decoded.rows | "Embed" >> EmbedImages(
         config.model, batch_size=config.batch_size, threads=config.model_threads,
         lanes=config.model_lanes)
+    _ = read.rows | "ProgressFetched" >> count_as(progress.FETCHED)
+    _ = decoded.rows | "ProgressDecoded" >> count_as(progress.DECODED)
     return (rows, valid, unique, previous is not None, embedded.features, changed[REUSED],
             [read[ERRORS], decoded[ERRORS], embedded[ERRORS]])
 
@@ -132,10 +134,8 @@ def _build(p, config, rows, valid, unique, has_previous, new_features, reused, s
 
     # Live progress: side branches that count rows per stage (see pipeline.progress).
     _ = rows | "ProgressRead" >> count_as(progress.READ)
-    _ = read.rows | "ProgressFetched" >> count_as(progress.FETCHED)
-    _ = decoded.rows | "ProgressDecoded" >> count_as(progress.DECODED)
-    _ = embedded.features | "ProgressEmbedded" >> count_as(progress.EMBEDDED)
-    _ = changed[REUSED] | "ProgressReused" >> count_as(progress.REUSED)
+    _ = new_features | "ProgressEmbedded" >> count_as(progress.EMBEDDED)
+    _ = reused | "ProgressReused" >> count_as(progress.REUSED)
     _ = errors | "ProgressFailed" >> count_failures()
     _ = feature_files | "ProgressFeatureFiles" >> count_as(progress.FEATURE_FILES)
 
