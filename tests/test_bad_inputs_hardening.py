@@ -107,7 +107,7 @@ def hardening_run(tmp_path_factory, tiny_model):
         with loopback_only() as (attempts, refused):
             result = run([f"--input={manifest}", f"--output={directory / 'out'}", f"--model={tiny_model}",
                           "--allow_private_hosts", "--fetch_timeout=1", f"--fetch_total_timeout={TOTAL_TIMEOUT}",
-                          "--fetch_retries=1", "--top_k=1"])
+                          "--fetch_retries=1", "--top_k=1", "--force_publish"])
         elapsed = time.monotonic() - started
         features, errors, written = read_outputs(result["run_dir"])
         yield dict(table=table, result=result, features=features, errors=errors, written=written,
@@ -155,7 +155,7 @@ def test_a_fifo_matched_by_a_glob_is_refused_not_waited_on(tmp_path, tiny_model)
     (images / "a.jpg").write_bytes(JPEG)
     os.mkfifo(images / "b.jpg")
     result = run([f"--input={images}/*.jpg", f"--output={tmp_path / 'out'}", f"--model={tiny_model}",
-                  "--top_k=1"])
+                  "--top_k=1", "--force_publish"])
     features, errors, _ = read_outputs(result["run_dir"])
     assert set(features) == {"a"}
     assert [(e["product_id"], e["reason"]) for e in errors] == [("b", "is_fifo")]

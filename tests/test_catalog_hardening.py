@@ -178,7 +178,7 @@ def run_catalog(directory: Path, name: str, data: bytes, model: str, *extra) -> 
     manifest = directory / name
     manifest.write_bytes(data)
     result = run([f"--input={manifest}", f"--output={directory / 'out'}", f"--model={model}",
-                  "--top_k=2", *extra])
+                  "--top_k=2", "--force_publish", *extra])
     out = Path(result["run_dir"])
     tables = [pq.read_table(p) for p in sorted(glob.glob(f"{out}/features/*.parquet"))]
     features: dict = {}
