@@ -15,6 +15,7 @@ if __name__ == "__main__":  # before Beam's and TensorFlow's imports, which log
 
     _early_logs.quiet_startup()
 
+import logging  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 from importlib import metadata  # noqa: E402
