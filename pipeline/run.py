@@ -302,7 +302,9 @@ def summarize(manifest: dict, phases: dict | None = None, evaluation: dict | Non
         lines.append(f"  neighbours {manifest['neighbors']['products']} products, top "
                      f"{manifest['top_k']} ({manifest['index']['search']} search)")
     recall = (manifest.get("neighbors") or {}).get("recall_estimate") or {}
-    if recall.get("recall") is not None:
+    if recall.get("recall") is not None and not recall.get("sampled"):
+        lines.append("  recall    exact search: every list is exact (no sample needed)")
+    elif recall.get("recall") is not None:
         lines.append(f"  recall    @{recall['k']} estimate {recall['recall']:.4f} on "
                      f"{recall['sampled']} sampled products (target {recall['target']})"
                      + ("  BELOW TARGET" if recall.get("below_target") else ""))
