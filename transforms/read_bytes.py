@@ -127,6 +127,15 @@ def _unavailable(scheme: str, shown: str, exc: BaseException) -> RowError:
                                               f"{shown} cannot be read ({type(exc).__name__})")
 
 
+def _local_os_error(path: str, exc: OSError) -> RowError:
+    """The row error for a failed stat or open of a local path (same rule for both)."""
+    if isinstance(exc, FileNotFoundError):
+        return RowError("missing_file", f"{path} does not exist")
+    if isinstance(exc, PermissionError):
+        return RowError("unreadable", f"no permission to read {path}")
+    return RowError("unreadable", f"could not read {path}: {exc.strerror or type(exc).__name__}")
+
+
 def _read_local(path: str, max_bytes: int, deadline: float | None, timeout: float | None) -> bytes:
     """Read a local regular file; refuse everything else before opening it."""
     absolute = os.path.abspath(path)
@@ -134,12 +143,8 @@ def _read_local(path: str, max_bytes: int, deadline: float | None, timeout: floa
         raise RowError("system_path", f"{path} is under /dev, /proc or /sys; system files are never read as images")
     try:
         info = os.stat(path)
-    except FileNotFoundError:
-        raise RowError("missing_file", f"{path} does not exist") from None
-    except PermissionError:
-        raise RowError("unreadable", f"no permission to read {path}") from None
     except OSError as exc:
-        raise RowError("unreadable", f"could not read {path}: {exc.strerror or type(exc).__name__}") from None
+        raise _local_os_error(path, exc) from None
     kind = _file_kind_reason(info.st_mode)
     if kind is not None:
         raise RowError(kind[0], f"{path} is {kind[1]}, not an image file; it is not opened")
@@ -148,12 +153,8 @@ def _read_local(path: str, max_bytes: int, deadline: float | None, timeout: floa
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise RowError("missing_file", f"{path} does not exist") from None
-    except PermissionError:
-        raise RowError("unreadable", f"no permission to read {path}") from None
     except OSError as exc:
-        raise RowError("unreadable", f"could not read {path}: {exc.strerror or type(exc).__name__}") from None
+        raise _local_os_error(path, exc) from None
     try:
         kind = _file_kind_reason(os.fstat(fd).st_mode)  # what was opened, if it changed since the stat
         if kind is not None:
