@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import queue
 
@@ -213,25 +214,38 @@ def ensure_tflite(savedmodel_dir: str, model_id: str, cache_dir: str | None = No
 def verified_tflite(model_id: str, cache_dir: str | None = None) -> str | None:
     """The cached ``.tflite`` of ``model_id`` if an earlier run verified it, else None.
 
-    Lets a run start without loading TensorFlow and the SavedModel at all.
+    Lets a run start without loading TensorFlow and the SavedModel at all. The
+    entry must also match its digest record: a damaged one is rebuilt on the
+    slow path instead of being handed to the interpreter.
     """
-    path = os.path.join(cache.cache_root(cache_dir), _tflite_entry(model_id), TFLITE_FILE)
+    directory = cache.lookup(_tflite_entry(model_id), cache_dir)
+    if directory is None:
+        return None
     try:
-        with open(os.path.join(os.path.dirname(path), VERIFIED_FILE)) as handle:
+        with open(os.path.join(directory, VERIFIED_FILE)) as handle:
             record = json.load(handle)
     except (OSError, ValueError):
         return None
-    if record.get("model_id") != model_id or record.get("min_cosine", 0) < MIN_PROBE_COSINE:
+    if not isinstance(record, dict) or record.get("model_id") != model_id \
+            or not isinstance(record.get("min_cosine"), (int, float)) \
+            or record["min_cosine"] < MIN_PROBE_COSINE:
         return None
-    return path if os.path.exists(path) else None
+    return os.path.join(directory, TFLITE_FILE)
 
 
 def record_verification(tflite_path: str, model_id: str, cosine: float) -> None:
-    """Remember that this conversion matched the SavedModel on the probe batch."""
+    """Remember that this conversion matched the SavedModel on the probe batch.
+
+    Best effort: in a read-only cache the record is not written and later runs
+    just take the slower start-up path that checks the conversion again.
+    """
     from pipeline import files
 
-    files.write_json(os.path.join(os.path.dirname(tflite_path), VERIFIED_FILE),
-                     {"model_id": model_id, "min_cosine": cosine})
+    try:
+        files.write_json(os.path.join(os.path.dirname(tflite_path), VERIFIED_FILE),
+                         {"model_id": model_id, "min_cosine": cosine})
+    except OSError as exc:
+        logging.getLogger(__name__).debug("cannot record the TFLite verification: %s", exc)
 
 
 def tflite_shapes(engine: "TfliteEngine") -> tuple[int, int]:
