@@ -46,14 +46,30 @@ def makedirs(path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
 
+@contextlib.contextmanager
+def naming(path: str):
+    """Give an ``OSError`` raised in the block ``path`` as its filename when it has none.
+
+    Why: a write that fails on a full disk says only "No space left on device";
+    the launcher's one error line must also say where.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno and exc.filename is None:
+            raise type(exc)(exc.errno, exc.strerror or os.strerror(exc.errno), path) from exc
+        raise
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     if is_local(path):
         directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        with naming(path):
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
         try:
-            with os.fdopen(fd, "wb") as handle:
+            with naming(path), os.fdopen(fd, "wb") as handle:
                 handle.write(data)
             os.chmod(tmp, _FILE_MODE)
             os.replace(tmp, path)
@@ -174,7 +190,8 @@ def staged_output(path: str):
     os.makedirs(directory, exist_ok=True)
     staged = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
     try:
-        yield staged
+        with naming(path):
+            yield staged
         os.chmod(staged, _FILE_MODE)
         os.replace(staged, path)
     finally:

@@ -190,3 +190,53 @@ def prune_runs(root: str, keep: int, current: str, current_started_at: float) ->
             if found:
                 FileSystems.delete([m.path for m in found])
     return sorted(doomed)
+
+
+# Names of the temporary files and directories this pipeline and Beam leave while
+# writing: files.write_bytes/staged_output (".tmp-"), Beam's file sinks ("beam-temp-"),
+# save_vectors (".writing"), the Annoy build (".building") and the LATEST switch.
+_TEMPORARY_PREFIXES = (".tmp-", "beam-temp-", f".{LATEST}.")
+_TEMPORARY_SUFFIXES = (".writing", ".building")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file or directory name is one of the pipeline's or Beam's temporaries."""
+    return name.startswith(_TEMPORARY_PREFIXES) or name.endswith(_TEMPORARY_SUFFIXES)
+
+
+def remove_temporary(directory: str, recursive: bool = True) -> list[str]:
+    """Delete temporary files left under ``directory`` by a failed or interrupted run.
+
+    Why: a run that stops half-way (full disk, SIGINT, a crashed stage) must not
+    leave Beam's temp directories and partial files behind for ever. Only names
+    :func:`is_temporary` recognises are touched; the run's INCOMPLETE marker and
+    its partial outputs stay (``prune_runs`` deletes the whole run later). Call
+    it only while holding the root's lock. Returns what was removed.
+    """
+    removed = []
+    if files.is_local(directory):
+        if not os.path.isdir(directory):
+            return removed
+        for parent, dirs, names in os.walk(directory):
+            for name in [d for d in dirs if is_temporary(d)]:
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+                dirs.remove(name)
+                removed.append(os.path.join(parent, name))
+            for name in names:
+                if is_temporary(name):
+                    path = os.path.join(parent, name)
+                    try:
+                        os.unlink(path)
+                        removed.append(path)
+                    except FileNotFoundError:
+                        pass
+            if not recursive:
+                break
+        return removed
+    pattern = files.join(directory, "**" if recursive else "*")
+    found = [m.path for m in FileSystems.match([pattern])[0].metadata_list
+             if any(is_temporary(part) for part in
+                    m.path[len(directory):].replace(os.sep, "/").split("/"))]
+    if found:
+        FileSystems.delete(found)
+    return found

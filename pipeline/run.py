@@ -25,7 +25,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions,  # noqa: E402
                                                   StandardOptions, WorkerOptions)
 
-from pipeline import cli, dry_run, files, logs, object_store, publish  # noqa: E402
+from pipeline import (cli, dry_run, files, interrupts, logs, object_store, publish,  # noqa: E402
+                      run_errors, run_lock)
 from pipeline.run_progress import RunProgress, expected_rows  # noqa: E402
 from pipeline.local_runner import is_direct, runner_for
 from pipeline.graph import ERRORS_DIR, RunConfig, build_graph
@@ -398,6 +399,8 @@ def run(argv=None, test_pipeline=None) -> dict:
     move to it. ``test_pipeline`` lets tests pass Beam's ``TestPipeline``.
     The returned manifest also holds ``launcher_phases`` (seconds from start at
     which each phase was first seen), which is not written to manifest.json.
+    One run at a time per output root: the root's lock (pipeline/run_lock.py)
+    is held from before the previous run is read until the run returns.
     """
     started = time.monotonic()
     options = PipelineOptions(argv)
@@ -405,18 +408,41 @@ def run(argv=None, test_pipeline=None) -> dict:
     level = _log_level(opts)
     _quiet_workers(options, level)
     object_store.preflight(options)  # gs:// unreachable: one line in seconds, not minutes
-    # Importing TensorFlow and converting a model print native INFO lines.
-    with logs.native_noise_filtered(enabled=level not in ("debug", "info")):
-        config = make_config(options)
     if dry_run.requested(options):  # build the job only: no run directory, nothing published
+        with logs.native_noise_filtered(enabled=level not in ("debug", "info")):
+            config = make_config(options)
         pipeline = beam.Pipeline(runner=runner_for(options), options=options)
         build_graph(pipeline, config)
         return dry_run.build_job(pipeline, options, config.settings)
+    _validate(opts)
+    with run_lock.held(opts.output, opts.run_id) as lock:
+        publish.remove_temporary(opts.output, recursive=False)  # a killed run's LATEST switch
+        return _run_locked(options, opts, level, started, lock, test_pipeline)
+
+
+def _run_locked(options: PipelineOptions, opts: SimilarityOptions, level: str, started: float,
+                lock: run_lock.RootLock, test_pipeline) -> dict:
+    """The run itself, while this process holds the output root's lock."""
+    # Importing TensorFlow and converting a model print native INFO lines.
+    with logs.native_noise_filtered(enabled=level not in ("debug", "info")):
+        config = make_config(options)
+    lock.note_run_id(config.settings["run_id"])
     if FileSystems.exists(config.output):
         raise UsageError(f"--run_id={config.settings['run_id']}: {config.output} already "
                          f"exists; a run never overwrites another run's files")
     prepare_output(config.output)
     publish.mark_incomplete(config.output, config.settings["run_id"])
+    try:
+        return _execute(options, opts, config, started, test_pipeline)
+    except BaseException as exc:
+        run_errors.note_run_dir(exc, config.output)
+        publish.remove_temporary(config.output)  # Beam temp dirs, staged and partial files
+        raise
+
+
+def _execute(options: PipelineOptions, opts: SimilarityOptions, config: RunConfig,
+             started: float, test_pipeline) -> dict:
+    """Build and run the graph, then check and publish the run."""
     pipeline = (test_pipeline if test_pipeline is not None
                 else beam.Pipeline(runner=runner_for(options), options=options))
     build_graph(pipeline, config)
@@ -446,11 +472,38 @@ def run(argv=None, test_pipeline=None) -> dict:
     return manifest
 
 
-def os_error_line(exc: OSError) -> str:
-    """``<path>: <cause>`` for an OS error (the path it names, else the message)."""
-    path = exc.filename if exc.filename is not None else ""
-    cause = exc.strerror or str(exc)
-    return f"{path}: {cause}" if path else cause
+# Faults reported as "error: <message>" (their message is written for the user).
+ONE_LINE_ERRORS = (CatalogError, ModelLoadError, UsageError, object_store.ObjectStoreError,
+                   PublishRefused, run_lock.LockHeld)
+
+
+def stop_line(exc: BaseException) -> str | None:
+    """The one line for a fault that stops a run (exit 2), or None for a bug (traceback)."""
+    if isinstance(exc, ONE_LINE_ERRORS):
+        return f"error: {exc}"
+    return run_errors.fault_line(exc)
+
+
+def _output_arg(argv: list[str]) -> str | None:
+    """The ``--output`` value in ``argv`` (either spelling), for the interrupted line."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--output="):
+            return arg.split("=", 1)[1]
+        if arg == "--output" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def interrupted_line(root: str | None) -> str:
+    """``interrupted; LATEST still points at runs/<id>`` (or says there is none)."""
+    try:
+        latest = publish.latest_run(root) if root else None
+    except Exception:  # noqa: BLE001 - the line must be printed whatever the root holds
+        latest = None
+    if latest is None:
+        return "interrupted; no run is published (there is no LATEST)"
+    name = os.path.basename(latest.replace(os.sep, "/").rstrip("/"))
+    return f"interrupted; LATEST still points at {publish.RUNS_DIR}/{name}"
 
 
 def main(argv=None) -> int:
@@ -463,23 +516,27 @@ def main(argv=None) -> int:
     if "-h" in argv or "--help" in argv:
         print(cli.help_text())
         return 0
-    logs.quiet_startup(argv)
+    level = logs.quiet_startup(argv)
     problem = cli.unknown_option_error(argv)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    root = _output_arg(argv)
     try:
-        manifest = run(argv)
-    except (CatalogError, ModelLoadError, UsageError, object_store.ObjectStoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except PublishRefused as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        # Output root unusable (a file, read-only, full disk, no inodes): one line, exit 2;
-        # LATEST is only moved after a verified run, so it stays on the last good one.
-        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        with interrupts.handled(cleanup=run_lock.release_all,
+                                message=lambda: interrupted_line(root)) as interrupt, \
+                run_errors.beam_failure_logs_quiet(enabled=level == logs.QUIET):
+            manifest = run(argv)
+    except BaseException as exc:  # every fault that stops a run ends as one line
+        if interrupt.signum is not None:
+            if not interrupt.claim_exit():  # the helper thread is ending the process
+                time.sleep(60)
+            print(interrupted_line(root), file=sys.stderr)
+            return interrupt.exit_code
+        line = stop_line(exc)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
         return 2
     if manifest.get("dry_run"):
         print(dry_run.describe(manifest))

@@ -129,3 +129,108 @@ def test_publish_guard_keeps_latest_on_a_good_run_unless_forced(tmp_path, tiny_m
     assert os.path.realpath(root / "LATEST") == os.path.realpath(first["run_dir"])
     assert main([f"--input={small}", *args, "--force_publish"]) == 0
     assert os.path.realpath(root / "LATEST") != os.path.realpath(first["run_dir"])
+
+
+# --- faults inside a Beam stage, interrupts, leftovers (issue 15) --------------------------
+
+
+def _temporaries(root) -> list[str]:
+    from pipeline.publish import is_temporary
+
+    return [os.path.join(parent, name) for parent, dirs, names in os.walk(root)
+            for name in dirs + names if is_temporary(name)]
+
+
+def _one_error_line(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.strip().splitlines()
+            if line and not line.startswith("progress: ")]
+
+
+def test_a_full_disk_inside_a_beam_stage_is_one_line_and_leaves_no_temporaries(
+        tmp_path, tiny_model, capsys):
+    from pipeline.run_lock import LOCK_FILE
+
+    mount_dir = tmp_path / "disk"
+    mount_dir.mkdir()
+    if os.system(f"mount -t tmpfs -o size=1m tmpfs {mount_dir} 2>/dev/null") != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        catalog = write_catalog(tmp_path / "cat")
+        root = mount_dir / "root"
+        args = [f"--input={catalog}", f"--output={root}", f"--model={tiny_model}", "--top_k=3",
+                "--no_progress", "--full_rebuild"]
+        first = run(args)
+        free = os.statvfs(mount_dir).f_bavail * os.statvfs(mount_dir).f_frsize
+        with open(mount_dir / "filler", "wb") as handle:  # leave ~12 KiB: a stage's write fails
+            handle.write(b"\0" * max(0, free - 12 * 1024))
+        capsys.readouterr()
+        code = main(args)
+        err = _one_error_line(capsys)
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"error: {root}") and "No space left on device" in err[0]
+        assert "Traceback" not in err[0]
+        assert os.path.realpath(root / "LATEST") == os.path.realpath(first["run_dir"])
+        assert _temporaries(root) == []
+        assert not (root / LOCK_FILE).exists()
+    finally:
+        os.system(f"umount {mount_dir}")
+
+
+HANG_CATALOG_ROWS = 6
+
+
+@pytest.mark.parametrize("signame, expected", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupted_run_stops_within_seconds_and_leaves_latest(tmp_path, tiny_model,
+                                                                     signame, expected):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.run_lock import LOCK_FILE
+    from tests.beam_services import REPO, repo_env
+    from tests.http_fixtures import LocalHttpServer
+
+    root = tmp_path / "root"
+    first = run([f"--input={write_catalog(tmp_path / 'cat')}", f"--output={root}",
+                 f"--model={tiny_model}", "--top_k=3"])
+    server = LocalHttpServer().start()
+    try:
+        catalog = tmp_path / "hang.csv"
+        catalog.write_text("product_id,image\n" + "".join(
+            f"h{i},{server.url('hang')}?{i}\n" for i in range(HANG_CATALOG_ROWS)))
+        env = repo_env()
+        env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # this test process set it; a shell has not
+        child = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.run", f"--input={catalog}", f"--output={root}",
+             f"--model={tiny_model}", "--allow_private_hosts", "--fetch_timeout=60",
+             "--fetch_total_timeout=600", "--fetch_retries=5", "--no_progress"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not sum(server.hits.values()) and time.monotonic() < deadline \
+                    and child.poll() is None:
+                time.sleep(0.2)
+            assert sum(server.hits.values()), "the run never started its downloads"
+            time.sleep(0.5)
+            child.send_signal(getattr(signal, signame))
+            started = time.monotonic()
+            _, stderr = child.communicate(timeout=60)
+            elapsed = time.monotonic() - started
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
+    finally:
+        server.stop()
+    lines = [line for line in stderr.strip().splitlines() if not line.startswith("progress: ")]
+    assert child.returncode == expected, stderr[-3000:]
+    assert elapsed < 20, f"took {elapsed:.1f} s after {signame}"
+    name = os.path.basename(first["run_dir"])
+    assert lines == [f"interrupted; LATEST still points at runs/{name}"], stderr[-3000:]
+    assert os.path.realpath(root / "LATEST") == os.path.realpath(first["run_dir"])
+    assert not (root / LOCK_FILE).exists()
+    interrupted = [d for d in os.listdir(root / "runs") if d != name]
+    assert len(interrupted) == 1
+    assert os.path.exists(root / "runs" / interrupted[0] / "INCOMPLETE")
+    assert _temporaries(root) == []
