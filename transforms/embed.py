@@ -22,6 +22,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.models.registry import ResolvedModel, load_model
 from transforms.errors import ERRORS, METRICS_NAMESPACE, STAGE_EMBED, count_failure, error_record
+from transforms.locations import redact_location
 
 
 class _ModelHolder:
@@ -62,7 +63,7 @@ def feature_row(row: dict, embedding: np.ndarray, model_id: str) -> dict:
     """The Parquet feature row of one embedded image (carried columns flattened in)."""
     out = {
         "product_id": row["product_id"],
-        "image": row["image"],
+        "image": redact_location(row["image"]),  # never credentials or tokens (issue 15)
         "embedding": embedding,
         "model": model_id,
         "sha256": row.get("sha256"),

@@ -32,13 +32,45 @@ def location_scheme(location: Any) -> str | None:
     return match.group(1).lower() if match else None
 
 
+# Query parameters that carry a secret in common signed or authenticated image URLs
+# (S3 and GCS signed URLs, Azure SAS, OAuth tokens, API keys); compared lower-case.
+SECRET_QUERY_KEYS = frozenset({
+    "token", "access_token", "id_token", "refresh_token", "auth", "authorization",
+    "key", "api_key", "apikey", "api-key", "password", "passwd", "pwd", "secret",
+    "client_secret", "sig", "signature", "credential", "x-amz-signature",
+    "x-amz-credential", "x-amz-security-token", "x-goog-signature", "x-goog-credential",
+})
+# scheme://userinfo@ anywhere in the text (a URL nested in a query, say).
+_NESTED_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/?#\s@]*@")
+_QUERY_PAIR = re.compile(r"([?&;])([^=&;#]*)=([^&;#]*)")
+REDACTED = "***"
+
+
+def _redact_query(text: str) -> str:
+    def pair(match: re.Match) -> str:
+        name = match.group(2)
+        if name.lower() in SECRET_QUERY_KEYS and match.group(3):
+            return f"{match.group(1)}{name}={REDACTED}"
+        return match.group(0)
+    return _QUERY_PAIR.sub(pair, text)
+
+
 def redact_location(location: Any) -> Any:
     """``location`` as it may be stored in features, errors and logs.
 
-    Credentials in a URL's authority (``user:password@``) are replaced by
-    ``***@`` and a ``data:`` URL keeps only its media type, never its
-    content. Anything else is returned unchanged, so ordinary locations stay
-    exactly as the manifest gave them.
+    What is redacted (one rule for every output):
+
+    * credentials in a URL's authority (``user:password@``) become ``***@``;
+    * a ``scheme://user:password@`` nested anywhere else (a query value, a path)
+      likewise;
+    * a fragment holding ``@`` (never sent, but it can carry ``user:pass@``)
+      becomes ``#***``;
+    * the value of a query parameter named in :data:`SECRET_QUERY_KEYS`
+      (``token``, ``sig``, ``X-Amz-Signature``…) becomes ``***``;
+    * a ``data:`` URL keeps only its media type, never its content.
+
+    Anything else is returned unchanged, so ordinary locations stay exactly
+    as the manifest gave them. The downloaded URL is always the original.
     """
     if not isinstance(location, str):
         return location
@@ -47,8 +79,17 @@ def redact_location(location: Any) -> Any:
         head, comma, body = location.partition(",")
         shown = head[:_DATA_SHOWN] + ("…" if len(head) > _DATA_SHOWN else "")
         return f"{shown},<{len(body):,} characters of inline content not shown>" if comma else shown
-    match = _AUTHORITY.match(location)
+    text = location
+    match = _AUTHORITY.match(text)
     if match and "@" in match.group(2):
         authority = match.group(2)
-        return f"{match.group(1)}***@{authority.rsplit('@', 1)[1]}{match.group(3)}"
-    return location
+        text = f"{match.group(1)}***@{authority.rsplit('@', 1)[1]}{match.group(3)}"
+    if "@" in text:
+        text = _NESTED_USERINFO.sub(r"\1***@", text)
+    if scheme is not None:
+        before, hash_mark, fragment = text.partition("#")
+        if hash_mark and "@" in fragment:
+            text = f"{before}#{REDACTED}"
+        if "?" in text:
+            text = _redact_query(text)
+    return text

@@ -318,7 +318,9 @@ class ReadImageBytesFn(beam.DoFn):
         started = time.monotonic()
         location = row.get("image")
         previous = row.get("previous")
-        same_location = previous is not None and previous.get("image") == location
+        # Features store the redacted location (transforms/locations.py); older runs the raw one.
+        same_location = previous is not None and previous.get("image") in (
+            location, redact_location(location))
         etag = last_modified = None
         retries = 0
         try:
