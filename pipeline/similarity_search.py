@@ -23,8 +23,10 @@ Stored artefacts use Annoy's own file format and ``.npy`` without pickle.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import re
 
 import numpy as np
 from annoy import AnnoyIndex
@@ -154,6 +156,7 @@ def build_annoy_index(
     n_trees: int,
     seed: int,
     on_disk: bool | None = None,
+    isolated: bool = True,
 ) -> None:
     """Build an angular Annoy forest over ``vectors`` (row i = item i) and write it to ``path``.
 
@@ -165,6 +168,15 @@ def build_annoy_index(
     anonymous memory stays small whatever N is; otherwise it is built in RAM
     and saved. The file is written under a temporary name and renamed, so a
     crash never leaves a truncated index at ``path``.
+
+    A full disk must be an error, not a dead process: Annoy grows its mapped
+    file with ``ftruncate`` and writes through the mapping, and a page the
+    filesystem cannot back kills the writer with SIGBUS. So the on-disk build
+    first checks that the items alone fit (``ENOSPC`` at once otherwise) and,
+    with ``isolated``, runs in a child process (``pipeline/annoy_child.py``):
+    a child killed by SIGBUS is reported as ``OSError(ENOSPC)`` naming
+    ``path``. The in-memory build saves with plain writes, which report
+    ENOSPC themselves.
     """
     n_vectors, dim = _matrix_shape(vectors, "vectors")
     if n_vectors == 0:
@@ -175,6 +187,36 @@ def build_annoy_index(
         on_disk = vectors.nbytes > ON_DISK_BUILD_BYTES
     path = os.fspath(path)
     tmp_path = f"{path}.building"
+    try:
+        if on_disk:
+            _check_annoy_space(path, n_vectors, dim)
+        if on_disk and isolated:
+            _build_in_child(vectors, path, tmp_path, n_trees, seed)
+        else:
+            _build_here(vectors, tmp_path, n_trees, seed, on_disk)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+
+
+# Bytes per Annoy angular node besides the vector: n_descendants + two children.
+_ANNOY_NODE_HEADER = 12
+
+
+def _check_annoy_space(path: str, n_vectors: int, dim: int) -> None:
+    """Raise ENOSPC when the filesystem cannot even hold the items (trees come on top)."""
+    stats = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    needed = n_vectors * (_ANNOY_NODE_HEADER + 4 * dim)
+    free = stats.f_bavail * stats.f_frsize
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"No space left on device (the Annoy index needs more "
+                                    f"than {needed:,} bytes, {free:,} are free)", path)
+
+
+def _build_here(vectors, tmp_path: str, n_trees: int, seed: int, on_disk: bool) -> None:
+    n_vectors, dim = vectors.shape
     index = AnnoyIndex(dim, "angular")
     index.set_seed(int(seed))
     if on_disk:
@@ -190,7 +232,56 @@ def build_annoy_index(
     if not on_disk:
         index.save(tmp_path)
     index.unload()
-    os.replace(tmp_path, path)
+
+
+def _build_in_child(vectors, path: str, tmp_path: str, n_trees: int, seed: int) -> None:
+    """Run the on-disk build in a child process; its SIGBUS becomes ENOSPC here."""
+    import signal
+    import subprocess
+    import sys
+
+    source, staged = _vectors_file(vectors), None
+    if source is None:  # not a whole .npy memmap: hand the child a file of it
+        staged = f"{path}.vectors.writing"
+        try:
+            save_vectors(staged, vectors)
+        except OSError as exc:
+            if exc.errno and exc.filename is None:
+                raise OSError(exc.errno, exc.strerror, path) from exc
+            raise
+        source = staged
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.annoy_child", source, tmp_path, str(int(n_trees)),
+             str(int(seed))], capture_output=True, text=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    finally:
+        if staged is not None and os.path.exists(staged):
+            os.unlink(staged)
+    if done.returncode == -signal.SIGBUS:
+        raise OSError(errno.ENOSPC, "No space left on device (the Annoy build's memory-mapped "
+                                    "file could not grow)", path)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        if "[Errno" in last:
+            match = re.search(r"\[Errno (\d+)\]", last)
+            raise OSError(int(match.group(1)), os.strerror(int(match.group(1))), path)
+        raise RuntimeError(f"the Annoy build of {path} failed (exit {done.returncode}): {last}")
+
+
+def _vectors_file(vectors) -> str | None:
+    """The .npy file ``vectors`` maps in whole, or None."""
+    filename = getattr(vectors, "filename", None)
+    if not isinstance(vectors, np.memmap) or not filename:
+        return None
+    try:
+        whole = np.load(filename, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    same = whole.shape == vectors.shape and whole.dtype == vectors.dtype \
+        and whole.offset == vectors.offset
+    del whole
+    return os.fspath(filename) if same else None
 
 
 def open_annoy_index(path: str | os.PathLike, dim: int) -> AnnoyIndex:

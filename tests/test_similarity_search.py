@@ -315,3 +315,54 @@ def test_auto_threshold_follows_the_measured_crossover_by_dimension():
     # Above IVF_MIN_N the inverted file beats both, whatever the dimension.
     assert choose_search(300_000, "auto", exact_max_n_for(256)) == "ivf"
     assert choose_search(300_000, "auto", exact_max_n_for(1280)) == "ivf"
+
+
+# --- a full disk during the on-disk Annoy build (issue 15) ---------------------------------
+
+
+def _small_tmpfs(path, size):
+    import os
+
+    path.mkdir()
+    if os.system(f"mount -t tmpfs -o size={size} tmpfs {path} 2>/dev/null") != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    return path
+
+
+@pytest.mark.parametrize("precheck", [True, False])
+def test_a_full_disk_during_the_on_disk_annoy_build_is_enospc_not_sigbus(tmp_path, monkeypatch,
+                                                                        precheck):
+    import errno
+    import os
+
+    from pipeline import similarity_search as ss
+
+    vectors = np.random.default_rng(0).normal(size=(3000, 64)).astype(np.float32)
+    if not precheck:  # the items fit; the trees do not: the mapped file's growth hits the limit
+        monkeypatch.setattr(ss, "_check_annoy_space", lambda *args: None)
+        ss.save_vectors(tmp_path / "v.npy", vectors)
+        vectors = ss.load_vectors(tmp_path / "v.npy")  # handed to the child as a file
+    disk = _small_tmpfs(tmp_path / "disk", "256k")
+    try:
+        with pytest.raises(OSError) as caught:
+            ss.build_annoy_index(vectors, disk / "annoy.ann", n_trees=10, seed=1, on_disk=True)
+        assert caught.value.errno == errno.ENOSPC
+        assert caught.value.filename == str(disk / "annoy.ann")
+        assert os.listdir(disk) == []
+    finally:
+        os.system(f"umount {disk}")
+
+
+def test_the_isolated_on_disk_build_is_byte_identical_to_the_in_process_one(tmp_path):
+    from pipeline import similarity_search as ss
+
+    vectors = np.random.default_rng(1).normal(size=(2000, 32)).astype(np.float32)
+    ss.save_vectors(tmp_path / "v.npy", vectors)
+    mapped = ss.load_vectors(tmp_path / "v.npy")
+    ss.build_annoy_index(mapped, tmp_path / "child.ann", 5, 7, on_disk=True)  # file handed over
+    ss.build_annoy_index(vectors, tmp_path / "copy.ann", 5, 7, on_disk=True)  # staged copy
+    ss.build_annoy_index(vectors, tmp_path / "here.ann", 5, 7, on_disk=True, isolated=False)
+    here = (tmp_path / "here.ann").read_bytes()
+    assert (tmp_path / "child.ann").read_bytes() == here == (tmp_path / "copy.ann").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["child.ann", "copy.ann", "here.ann",
+                                                          "v.npy"]

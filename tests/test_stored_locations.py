@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from pathlib import Path
 
 import pyarrow.parquet as pq
 
@@ -53,12 +54,13 @@ def test_fetched_urls_with_secrets_are_stored_redacted(tmp_path, http_server, ti
         for row in pq.read_table(shard, columns=["product_id", "image"]).to_pylist():
             stored[row["product_id"]] = row["image"]
     for shard in glob.glob(os.path.join(run_dir, "errors", "*.jsonl")):
-        for line in open(shard, encoding="utf-8"):
-            record = json.loads(line)
-            stored[record["product_id"]] = record["image"]
+        with open(shard, encoding="utf-8") as handle:
+            for line in handle:
+                record = json.loads(line)
+                stored[record["product_id"]] = record["image"]
     assert stored == {f"p{i}": redact_location(u) for i, u in enumerate(urls)}
-    everything = "".join(open(p, "rb").read().decode("latin-1")
-                         for p in glob.glob(os.path.join(run_dir, "**", "*"), recursive=True)
-                         if os.path.isfile(p))
+    paths = [p for p in glob.glob(os.path.join(run_dir, "**", "*"), recursive=True)
+             if os.path.isfile(p)]
+    everything = b"".join(Path(p).read_bytes() for p in paths).decode("latin-1")
     for secret in SECRETS:
         assert secret not in everything
