@@ -253,7 +253,7 @@ def _build_in_child(vectors, path: str, tmp_path: str, n_trees: int, seed: int) 
     try:
         done = subprocess.run(
             [sys.executable, "-m", "pipeline.annoy_child", source, tmp_path, str(int(n_trees)),
-             str(int(seed))], capture_output=True, text=True,
+             str(int(seed))], capture_output=True, text=True, check=False,
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     finally:
         if staged is not None and os.path.exists(staged):
