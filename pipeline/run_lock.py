@@ -105,6 +105,7 @@ class RootLock:
         self.token = uuid.uuid4().hex
         self._fd: int | None = None
         self._held = False
+        self._created: list[str] = []  # directories made for the lock, deepest first
 
     def acquire(self) -> RootLock:
         """Take the lock or raise :class:`LockHeld`; a stale lock is taken over (one warning)."""
@@ -117,7 +118,12 @@ class RootLock:
         return self
 
     def _acquire_local(self) -> None:
+        missing, parent = [], os.path.abspath(self.root)
+        while not os.path.lexists(parent) and parent != os.path.dirname(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
         os.makedirs(self.root, exist_ok=True)
+        self._created = missing
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
             try:
@@ -204,6 +210,11 @@ class RootLock:
                     os.unlink(self.path)  # while still holding the flock (see acquire)
                 os.close(self._fd)
                 self._fd = None
+                for directory in self._created:  # a run refused early leaves no empty root
+                    try:
+                        os.rmdir(directory)
+                    except OSError:
+                        break
             elif (self._read_object() or {}).get("token") == self.token:
                 FileSystems.delete([self.path])
         except Exception as exc:  # noqa: BLE001 - releasing must never hide the run's outcome
