@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import calendar
 import os
+import posixpath
 import shutil
 import socket
-import posixpath
 import time
 import uuid
 

@@ -38,8 +38,14 @@ except ImportError:
 else:
     pillow_heif.register_heif_opener()
 
-from transforms.errors import (ERRORS, METRICS_NAMESPACE, STAGE_DECODE, RowError, count_failure,
-                              error_record)
+from transforms.errors import (
+    ERRORS,
+    METRICS_NAMESPACE,
+    STAGE_DECODE,
+    RowError,
+    count_failure,
+    error_record,
+)
 
 # A cut-off download must be reported, never silently decoded with a grey
 # bottom half, so truncated files always raise in this process.

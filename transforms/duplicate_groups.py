@@ -12,7 +12,6 @@ image file), "same_image_bytes": [[ids with identical bytes], ...],
 
 from __future__ import annotations
 
-
 import apache_beam as beam
 
 from pipeline import files

@@ -36,8 +36,14 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.csv_records import CsvHeaderError, CsvReader
-from pipeline.product_ids import (InvalidValue, clean_text, has_surrogate, image_from,
-                                  printable, product_id_from)
+from pipeline.product_ids import (
+    InvalidValue,
+    clean_text,
+    has_surrogate,
+    image_from,
+    printable,
+    product_id_from,
+)
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 
