@@ -28,9 +28,8 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import files, publish, similarity_search
 from pipeline.features import feature_files, read_feature_matrix
+from pipeline.run_layout import EVALUATION_FILE
 from transforms.read_catalog import ReadManifestRowsFn, inspect_catalog
-
-EVALUATION_FILE = "evaluation.json"
 
 
 def read_neighbors(run_dir: str) -> dict[str, list[tuple[str, float]]]:

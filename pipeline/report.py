@@ -42,10 +42,10 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline import files, publish
 from pipeline.evaluate import EVALUATION_FILE, read_neighbors
 from pipeline.features import feature_files
+from pipeline.run_layout import REPORT_FILE
 from transforms.decode import DecodeError, decode_image
 from transforms.read_catalog import is_url
 
-REPORT_FILE = "report.html"
 THUMBNAIL_SIZE = 96
 THUMBNAIL_QUALITY = 80
 HISTOGRAM_BINS = 20

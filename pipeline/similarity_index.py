@@ -39,20 +39,18 @@ import numpy as np
 from pipeline import similarity_search
 from pipeline.models import engines
 from pipeline.models.registry import ModelLoadError, ResolvedModel, load_model, resolve_model
-
-# The run layout written by transforms/build_index.py, transforms/query_neighbors.py
-# and transforms/write_manifest.py (repeated here so opening an index does not
-# import Apache Beam, ~1.8 s).
-MANIFEST_FILE = "manifest.json"
-INDEX_DIR = "index"
-META_FILE = "meta.json"
-PARTITIONS_FILE = "partitions.json"
-VECTORS_FILE = "vectors.npy"
-IDS_FILE = "ids.parquet"
-PCA_MEAN_FILE = "pca_mean.npy"
-PCA_COMPONENTS_FILE = "pca_components.npy"
-NEIGHBORS_DIR = "neighbors"
-LATEST = "LATEST"
+from pipeline.run_layout import (
+    IDS_FILE,
+    INDEX_DIR,
+    LATEST,
+    MANIFEST_FILE,
+    META_FILE,
+    NEIGHBORS_DIR,
+    PARTITIONS_FILE,
+    PCA_COMPONENTS_FILE,
+    PCA_MEAN_FILE,
+    VECTORS_FILE,
+)
 
 DEFAULT_K = 20
 

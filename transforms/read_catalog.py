@@ -36,6 +36,7 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.csv_records import CsvHeaderError, CsvReader
+from pipeline.features import FEATURE_COLUMNS
 from pipeline.product_ids import (
     InvalidValue,
     clean_text,
@@ -49,8 +50,7 @@ MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".par
 
 # Columns the pipeline writes itself; a manifest column of the same name is
 # carried as ``manifest_<name>`` so it cannot overwrite them.
-RESERVED_COLUMNS = ("product_id", "image", "embedding", "model", "sha256", "width", "height",
-                    "etag", "last_modified")
+RESERVED_COLUMNS = FEATURE_COLUMNS
 
 _URL_SCHEMES = ("http://", "https://")
 

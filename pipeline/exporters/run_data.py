@@ -19,13 +19,10 @@ from typing import Iterator
 import orjson
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import files, publish
+from pipeline import files, publish, run_layout
 from pipeline.features import FeatureMatrix, feature_files, read_feature_matrix
 from pipeline.product_ids import product_id_problem
-
-MANIFEST_FILE = "manifest.json"
-NEIGHBORS_PATTERN = ("neighbors", "neighbors-*.jsonl")
-FEATURES_DIR = "features"
+from pipeline.run_layout import FEATURES_DIR, MANIFEST_FILE
 
 
 class RunDataError(ValueError):
@@ -117,7 +114,7 @@ def open_run(run_dir: str) -> Run:
 
 def neighbor_files(run: Run) -> list[str]:
     """The neighbour shards of a run, in name order (= product id ranges)."""
-    pattern = files.join(run.path, *NEIGHBORS_PATTERN)
+    pattern = run_layout.neighbor_shards(run.path)
     return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
 
 
