@@ -40,8 +40,8 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import files, publish, run_reader
+from pipeline.image_decode import DecodeError, decode_image
 from pipeline.run_layout import EVALUATION_FILE, REPORT_FILE
-from transforms.decode import DecodeError, decode_image
 from transforms.read_catalog import is_url
 
 THUMBNAIL_SIZE = 96

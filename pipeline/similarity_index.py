@@ -21,8 +21,7 @@ never by the newer one.
 
 This module sits at the bottom layer (numpy, Annoy, pyarrow, the model
 registry); it imports Apache Beam only when a URL needs a non-local path
-resolved or when image decoding is first needed (the decoder lives in
-``transforms/decode.py``).
+resolved (the decoder, ``pipeline/image_decode.py``, is Beam-free).
 """
 
 from __future__ import annotations
@@ -303,9 +302,9 @@ class SimilarityIndex:
         index._cache_dir = cache_dir
         if load_model_now:
             index.model()
-            # The decoder's module imports Apache Beam (~1 s): pay it here, not in the
-            # first request.
-            import transforms.decode  # noqa: F401
+            # The decoder's module imports Pillow and its plugins: pay it here, not in
+            # the first request.
+            import pipeline.image_decode  # noqa: F401
         return index
 
     def model(self) -> ResolvedModel:
@@ -465,7 +464,7 @@ class SimilarityIndex:
     # --- reading images -----------------------------------------------------
 
     def _pixels(self, image) -> np.ndarray:
-        from transforms.decode import DecodeError, decode_image
+        from pipeline.image_decode import DecodeError, decode_image
 
         size = self.model().input_size
         try:

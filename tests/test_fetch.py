@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from pipeline.image_decode import DecodeError, decode_image
 from tests.http_fixtures import HTML, JPEG, http_server  # noqa: F401 (fixture)
-from transforms.decode import DecodeError, decode_image
 from transforms.fetch import FetchConfig, FetchError, HttpFetcher, check_url
 
 FAST = dict(

@@ -21,8 +21,8 @@ import time
 
 import pytest
 
+from pipeline.image_decode import DecodeError, decode_image
 from tests.http_fixtures import JPEG, http_server  # noqa: F401 (fixture)
-from transforms.decode import DecodeError, decode_image
 from transforms.errors import RowError, error_record
 from transforms.fetch import FetchConfig, FetchError, HttpFetcher, connect_socket, parse_url
 from transforms.locations import redact_location
