@@ -20,7 +20,7 @@ from transforms.decode import DecodeImageFn
 from transforms.deduplicate import REMOVED, DeduplicateProductIds
 from transforms.embed import EmbedImages
 from transforms.errors import ERRORS
-from transforms.fetch import FetchConfig
+from pipeline.http_fetch import FetchConfig
 from transforms.progress_tick import count_as, count_failures
 from transforms.duplicate_groups import WriteDuplicateGroups
 from transforms.query_neighbors import NEAR_DUPLICATES, QueryNeighbors

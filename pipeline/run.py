@@ -34,7 +34,7 @@ from pipeline.models.registry import ModelLoadError, resolve_model
 from pipeline.options import SimilarityOptions
 from pipeline.run_layout import (DUPLICATES_DIR, ERRORS_DIR, FEATURES_DIR, INDEX_DIR,
                                  MANIFEST_FILE, PAIRS_PREFIX)
-from transforms.fetch import FetchConfig
+from pipeline.http_fetch import FetchConfig
 from transforms.query_neighbors import clear_stale_shards
 from transforms.read_catalog import CatalogError, inspect_catalog, manifest_kind
 from transforms.read_vectors import vector_dim

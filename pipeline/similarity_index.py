@@ -491,8 +491,8 @@ class SimilarityIndex:
             raise QueryError(exc.reason, exc.message, "decode") from exc
 
     def _read(self, location: str) -> bytes:
+        from pipeline.http_fetch import FetchConfig, HttpFetcher
         from transforms.errors import RowError
-        from transforms.fetch import FetchConfig, HttpFetcher
 
         scheme = location.split("://", 1)[0].lower() if "://" in location else ""
         try:

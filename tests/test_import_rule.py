@@ -20,7 +20,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("pipeline", "transforms", "runners")
 
 BOTTOM = {
-    "pipeline.csv_records", "pipeline.features", "pipeline.files", "pipeline.image_decode",
+    "pipeline.csv_records", "pipeline.features", "pipeline.files", "pipeline.http_fetch",
+    "pipeline.image_decode",
     "pipeline.ivf", "pipeline.logs", "pipeline.product_ids", "pipeline.run_layout", "pipeline.run_reader",
     "pipeline.similarity_search", "pipeline.models", "pipeline.models.autoencoder",
     "pipeline.models.cache", "pipeline.models.efficientnet_lite", "pipeline.models.engines",
@@ -35,14 +36,15 @@ KNOWN_EXCEPTIONS = {
     # and the dead-letter record move down with it (after the credential-redaction
     # branch that edits them is merged).
     ("pipeline.image_decode", "transforms.errors"),
+    ("pipeline.http_fetch", "transforms.errors"),
+    ("pipeline.http_fetch", "transforms.locations"),
     # Catalogue parsing (inspect_catalog, ReadManifestRowsFn's row reader, is_url)
     # still lives in transforms/read_catalog.py.
     ("pipeline.evaluate", "transforms.read_catalog"),
     ("pipeline.report", "transforms.read_catalog"),
     ("runners.train_autoencoder", "transforms.read_catalog"),
-    # The query API fetches URLs with the fetcher and reads local bytes with the
-    # byte reader's helpers (transforms/fetch.py, read_bytes.py, errors.py).
-    ("pipeline.similarity_index", "transforms.fetch"),
+    # The query API reads local bytes with the byte reader's helpers
+    # (transforms/read_bytes.py, errors.py).
     ("pipeline.similarity_index", "transforms.errors"),
     ("pipeline.similarity_index", "transforms.read_bytes"),
 }
