@@ -145,6 +145,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import pyarrow.csv  # noqa: F401 - imported before timing, as a worker has them loaded
+
     import transforms.read_catalog  # noqa: F401
 
     failures = []

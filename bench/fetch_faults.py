@@ -269,7 +269,7 @@ def _fetch_share(urls: list, threads: int, timeout: float, retries: int) -> dict
     """Child process: fetch ``urls`` with one HttpFetcher and a thread pool."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from transforms.fetch import FetchConfig, FetchError, HttpFetcher
+    from pipeline.http_fetch import FetchConfig, FetchError, HttpFetcher
 
     fetcher = HttpFetcher(FetchConfig(read_timeout=timeout, max_retries=retries,
                                       allow_private_hosts=True, concurrency=threads))

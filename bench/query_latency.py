@@ -168,8 +168,8 @@ def warm(latest: Path, images: list[str], batch: int) -> dict:
     import numpy as np
 
     from pipeline import similarity_search
+    from pipeline.image_decode import decode_image
     from pipeline.similarity_index import SimilarityIndex
-    from transforms.decode import decode_image
 
     index = SimilarityIndex.open(str(latest))
     for path in images[:5]:
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
         rows.append((n, cold, result))
         print(f"  cold start {cold['cold_start']:.2f} s (imports {cold['imports']:.2f}, open + "
               f"model + decoder {cold['open']:.2f}; TensorFlow imported: "
-              f"{cold['tensorflow_imported']}, Beam imported (by transforms/decode.py): "
+              f"{cold['tensorflow_imported']}, Beam imported: "
               f"{cold['beam_imported']}); first query {1000 * cold['first_query']:.0f} ms, "
               f"second {1000 * cold['second_query']:.1f} ms")
         print(f"  warm single image p50 {result['single'][0]:.1f} ms, p95 "

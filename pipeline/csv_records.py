@@ -78,9 +78,9 @@ def _raise_field_limit() -> None:
 
 
 def text_stream(binary: BinaryIO) -> io.TextIOBase:
-    """Decode ``binary`` as UTF-8 (BOM skipped, bad bytes kept as surrogates), lines untranslated."""
+    """Decode ``binary`` as UTF-8 (BOM skipped, bad bytes kept as surrogates), lines as is."""
     if not isinstance(binary, io.BufferedIOBase) and not hasattr(binary, "read1"):
-        binary = io.BufferedReader(binary)
+        binary = io.BufferedReader(binary)  # type: ignore[type-var]  # a raw stream
     return io.TextIOWrapper(binary, encoding="utf-8-sig", errors="surrogateescape",
                             newline="")
 
@@ -118,24 +118,26 @@ class CsvReader:
             if record.problem is not None:
                 raise CsvHeaderError(f"its header line {record.line} cannot be parsed: "
                                      f"{record.problem[1]}")
-            if any(has_surrogate(name) for name in record.cells):
+            cells = record.cells or []  # a record without a problem has its cells
+            if any(has_surrogate(name) for name in cells):
                 raise CsvHeaderError(f"its header line {record.line} is not valid UTF-8")
             seen = set()
-            for name in record.cells:
+            for name in cells:
                 if name in seen:
                     raise CsvHeaderError(f"its header names the column {name!r} twice")
                 seen.add(name)
-            return list(record.cells)
+            return list(cells)
         return []
 
     def __iter__(self) -> Iterator[CsvRecord]:
         expected = len(self.columns)
         for record in self._records:
-            if record.problem is None and len(record.cells) != expected:
+            cells = record.cells or []
+            if record.problem is None and len(cells) != expected:
                 record = CsvRecord(record.line, problem=(
                     "malformed_csv_row",
-                    f"manifest line {record.line} has {len(record.cells)} cells where the header "
-                    f"has {expected} (unquoted comma?): {_shown(','.join(record.cells))}"))
+                    f"manifest line {record.line} has {len(cells)} cells where the header "
+                    f"has {expected} (unquoted comma?): {_shown(','.join(cells))}"))
             yield record
 
     def _parse(self) -> Iterator[CsvRecord]:

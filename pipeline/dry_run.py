@@ -10,9 +10,14 @@ protos, never run. Either way the caller gets a short summary of the job.
 
 from __future__ import annotations
 
-from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
-                                                  SetupOptions, StandardOptions, TestOptions,
-                                                  WorkerOptions)
+from apache_beam.options.pipeline_options import (
+    GoogleCloudOptions,
+    PipelineOptions,
+    SetupOptions,
+    StandardOptions,
+    TestOptions,
+    WorkerOptions,
+)
 
 OPTIONS_THAT_MATTER = (
     (GoogleCloudOptions, ("project", "region", "temp_location", "staging_location",

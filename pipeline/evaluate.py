@@ -24,27 +24,10 @@ import json
 import sys
 
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
 
-from pipeline import files, publish, similarity_search
-from pipeline.features import feature_files, read_feature_matrix
+from pipeline import files, publish, run_reader, similarity_search
+from pipeline.run_layout import EVALUATION_FILE
 from transforms.read_catalog import ReadManifestRowsFn, inspect_catalog
-
-EVALUATION_FILE = "evaluation.json"
-
-
-def read_neighbors(run_dir: str) -> dict[str, list[tuple[str, float]]]:
-    """The published neighbour lists of a run, by product id."""
-    pattern = files.join(run_dir, "neighbors", "neighbors-*.jsonl")
-    out = {}
-    for match in FileSystems.match([pattern])[0].metadata_list:
-        with FileSystems.open(match.path) as handle:
-            for line in handle:
-                if line.strip():
-                    record = json.loads(line)
-                    out[record["product_id"]] = [(n["product_id"], n["similarity"])
-                                                 for n in record["neighbors"]]
-    return out
 
 
 def read_labels(manifest: str, label_column: str, id_column: str = "product_id",
@@ -89,10 +72,9 @@ def evaluate_run(run_dir: str, labels: dict | None = None, k: int = 10,
                  sample: int = 2000, seed: int = 0) -> dict:
     """Evaluation figures of one run (see the module docstring)."""
     run_dir = publish.resolve_run(run_dir)
-    matrix = read_feature_matrix(feature_files(files.join(run_dir, "features")))
-    published = read_neighbors(run_dir)
-    manifest_path = files.join(run_dir, "manifest.json")
-    manifest = files.read_json(manifest_path) if FileSystems.exists(manifest_path) else {}
+    matrix = run_reader.read_features(run_dir)
+    published = run_reader.read_neighbor_lists(run_dir)
+    manifest = run_reader.read_manifest(run_dir) or {}
     top_k = manifest.get("top_k") or max((len(v) for v in published.values()), default=k)
     n = matrix.count
     rng = np.random.default_rng(seed)

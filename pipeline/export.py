@@ -102,8 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export_elasticsearch(run: Run, args: argparse.Namespace) -> int:
     """Write the bulk files and, with ``--es_url``, send them; 1 if any item failed."""
-    from pipeline.exporters.elastic import (DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_DOCS, index_body,
-                                            write_bulk_files)
+    from pipeline.exporters.elastic import (
+        DEFAULT_CHUNK_BYTES,
+        DEFAULT_CHUNK_DOCS,
+        index_body,
+        write_bulk_files,
+    )
 
     chunk_docs = args.chunk_docs or (None if args.chunk_bytes else DEFAULT_CHUNK_DOCS)
     chunk_bytes = args.chunk_bytes or DEFAULT_CHUNK_BYTES

@@ -1,13 +1,74 @@
-"""Read the ``features/`` Parquet contract back: ids, vectors and the model they came from."""
+"""The ``features/`` Parquet contract: its columns, schema and row builder, and its reader.
+
+Every feature row holds the columns of :data:`FEATURE_COLUMNS` (then the carried
+manifest columns, flattened in). The embedding stage, nightly reuse and the
+precomputed-vectors reader build rows with :func:`feature_row`; the writer uses
+:func:`features_schema`; the index, the exporters, evaluation and the report read them
+back with :func:`read_feature_matrix`. A change to the contract is an edit here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+
+if TYPE_CHECKING:
+    from pipeline.models.registry import ResolvedModel
+
+# The columns the pipeline writes itself, in schema order. A manifest column of the
+# same name is carried as ``manifest_<name>`` so it cannot overwrite one of them, and
+# nightly reuse reads exactly these from the previous run.
+FEATURE_COLUMNS = ("product_id", "image", "embedding", "model", "sha256", "width", "height",
+                   "etag", "last_modified")
+
+
+def features_schema(model: ResolvedModel, catalog: Any) -> pa.Schema:
+    """The Parquet schema of ``features/``, with the embedding dimension in its metadata.
+
+    ``catalog`` is the run's catalogue description (``CatalogInfo``): its carried
+    columns follow the fixed ones, in manifest order.
+    """
+    fields = [
+        pa.field("product_id", pa.string(), nullable=False),
+        pa.field("image", pa.string()),
+        pa.field("embedding", pa.list_(pa.float32()), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("sha256", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        # HTTP validators of URL images: the next run asks "changed since?" with them.
+        pa.field("etag", pa.string()),
+        pa.field("last_modified", pa.string()),
+    ]
+    fields.extend(catalog.carried_schema_fields())
+    metadata = {
+        "embedding_dim": str(model.dim),
+        "model": model.model_id,
+        "normalization": "l2",
+    }
+    return pa.schema(fields, metadata=metadata)
+
+
+def feature_row(row: Mapping[str, Any], embedding: np.ndarray, model_id: str) -> dict:
+    """The Parquet feature row of one embedded image (carried columns flattened in)."""
+    out = {
+        "product_id": row["product_id"],
+        "image": row["image"],
+        "embedding": embedding,
+        "model": model_id,
+        "sha256": row.get("sha256"),
+        "width": row.get("width"),
+        "height": row.get("height"),
+        "etag": row.get("etag"),
+        "last_modified": row.get("last_modified"),
+    }
+    out.update(row.get("extra") or {})
+    return out
 
 
 class MixedModelsError(ValueError):

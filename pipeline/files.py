@@ -141,11 +141,6 @@ def write_jsonl(path: str, records) -> None:
         b"".join(orjson.dumps(record) + b"\n" for record in records)))
 
 
-def write_lines(path: str, lines) -> None:
-    """Write text lines (JSONL) atomically; each line gets a trailing newline."""
-    write_bytes(path, "".join(f"{line}\n" for line in lines).encode("utf-8"))
-
-
 def read_json(path: str):
     """Read one JSON document from any filesystem."""
     with FileSystems.open(path) as handle:

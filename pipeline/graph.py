@@ -20,7 +20,7 @@ from transforms.decode import DecodeImageFn
 from transforms.deduplicate import REMOVED, DeduplicateProductIds
 from transforms.embed import EmbedImages
 from transforms.errors import ERRORS
-from transforms.fetch import FetchConfig
+from pipeline.http_fetch import FetchConfig
 from transforms.progress_tick import count_as, count_failures
 from transforms.duplicate_groups import WriteDuplicateGroups
 from transforms.query_neighbors import NEAR_DUPLICATES, QueryNeighbors
@@ -29,10 +29,10 @@ from transforms.read_catalog import CatalogInfo, ReadCatalog
 from transforms import read_vectors
 from transforms.reuse_previous import REUSED, ReadPreviousFeatures, SplitUnchangedFn
 from transforms.validate_rows import SplitInvalidRowsFn
-from transforms.write_features import WriteFeatures, features_schema
+from transforms.write_features import WriteFeatures
+from pipeline.features import features_schema
 from transforms.write_manifest import WriteManifest
-
-ERRORS_DIR = "errors"
+from pipeline.run_layout import ERRORS_DIR, ERRORS_PREFIX
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def _build(p, config, rows, valid, unique, has_previous, new_features, reused, s
     error_files = (errors
                    | "ErrorsToJson" >> beam.Map(files.json_line)
                    | "WriteErrors" >> beam.io.WriteToText(
-                       files.join(config.output, ERRORS_DIR, "errors"),
+                       files.join(config.output, ERRORS_DIR, ERRORS_PREFIX),
                        file_name_suffix=".jsonl"))
 
     # Live progress: side branches that count rows per stage (see pipeline.progress).

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import os
 
-from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
-                                                  TestOptions)
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, TestOptions
 
 TIMEOUT_S = 5.0
 SCOPES = ("https://www.googleapis.com/auth/devstorage.read_write",)

@@ -17,20 +17,16 @@ from __future__ import annotations
 
 import calendar
 import os
+import posixpath
 import shutil
 import socket
-import posixpath
 import time
 import uuid
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import files
-
-RUNS_DIR = "runs"
-LATEST = "LATEST"
-INCOMPLETE = "INCOMPLETE"
-MANIFEST_FILE = "manifest.json"
+from pipeline import files, run_layout
+from pipeline.run_layout import INCOMPLETE, LATEST, MANIFEST_FILE, RUNS_DIR
 
 
 class RunVerificationError(RuntimeError):
@@ -104,12 +100,12 @@ def verify_run(directory: str) -> dict:
     manifest = files.read_json(files.join(directory, MANIFEST_FILE))
     counts = manifest["counts"]
     found = {
-        "features": _count_parquet_rows(files.join(directory, "features", "*.parquet")),
-        "errors": _count_lines(files.join(directory, "errors", "*.jsonl")),
+        "features": _count_parquet_rows(run_layout.feature_shards(directory)),
+        "errors": _count_lines(run_layout.error_shards(directory)),
     }
     expected = {"features": counts["embedded"], "errors": counts["failed"]}
     if "neighbors" in manifest:
-        found["neighbors"] = _count_lines(files.join(directory, "neighbors", "*.jsonl"))
+        found["neighbors"] = _count_lines(run_layout.neighbor_shards(directory))
         expected["neighbors"] = counts["embedded"]
     if found != expected:
         raise RunVerificationError(

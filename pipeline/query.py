@@ -80,7 +80,7 @@ def _usage(args, extra) -> str | None:
 
 def fetch_config(args):
     """The pipeline's fetch settings (SSRF guard included) from the command line."""
-    from transforms.fetch import FetchConfig
+    from pipeline.http_fetch import FetchConfig
 
     return FetchConfig(read_timeout=args.fetch_timeout,
                        total_timeout=max(60.0, args.fetch_timeout),

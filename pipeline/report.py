@@ -29,7 +29,7 @@ import argparse
 import base64
 import html
 import io
-import json
+import itertools
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,13 +39,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import files, publish
-from pipeline.evaluate import EVALUATION_FILE, read_neighbors
-from pipeline.features import feature_files
-from transforms.decode import DecodeError, decode_image
+from pipeline import files, publish, run_reader
+from pipeline.image_decode import DecodeError, decode_image
+from pipeline.run_layout import EVALUATION_FILE, REPORT_FILE
 from transforms.read_catalog import is_url
 
-REPORT_FILE = "report.html"
 THUMBNAIL_SIZE = 96
 THUMBNAIL_QUALITY = 80
 HISTOGRAM_BINS = 20
@@ -70,14 +68,10 @@ class RunData:
         return str(self.manifest.get("model") or self.path)
 
 
-def _read_json_if_exists(path: str):
-    return files.read_json(path) if FileSystems.exists(path) else None
-
-
 def _read_features(run_dir: str, label: str | None) -> tuple[dict, dict]:
     """product id → image, and product id → label, from the run's feature shards."""
     images, labels = {}, {}
-    for path in feature_files(files.join(run_dir, "features")):
+    for path in run_reader.feature_paths(run_dir):
         with FileSystems.open(path) as handle:
             parquet = pq.ParquetFile(pa.PythonFile(handle, mode="r"))
             names = parquet.schema_arrow.names
@@ -94,19 +88,6 @@ def _read_features(run_dir: str, label: str | None) -> tuple[dict, dict]:
     return images, labels
 
 
-def _read_some_errors(run_dir: str, limit: int) -> list:
-    found = FileSystems.match([files.join(run_dir, "errors", "errors-*.jsonl")])[0].metadata_list
-    records = []
-    for match in sorted(found, key=lambda m: m.path):
-        with FileSystems.open(match.path) as handle:
-            for line in handle:
-                if line.strip():
-                    records.append(json.loads(line))
-                if len(records) >= limit:
-                    return records
-    return records
-
-
 def load_run(run_dir: str, label: str | None = None, error_examples: int = 10) -> RunData:
     """Read a run's manifest, evaluation, features (ids, images) and neighbour lists.
 
@@ -116,15 +97,17 @@ def load_run(run_dir: str, label: str | None = None, error_examples: int = 10) -
     shown) or ``ROOT/LATEST``.
     """
     run_dir = publish.resolve_run(run_dir)
-    manifest = _read_json_if_exists(files.join(run_dir, "manifest.json"))
-    if manifest is None and not feature_files(files.join(run_dir, "features")):
+    manifest = run_reader.read_manifest(run_dir)
+    if manifest is None and not run_reader.feature_paths(run_dir):
         raise FileNotFoundError(f"{run_dir} is not a run output directory (no manifest.json "
                                 f"and no features/)")
     images, labels = _read_features(run_dir, label)
     return RunData(path=run_dir, manifest=manifest or {},
-                   evaluation=_read_json_if_exists(files.join(run_dir, EVALUATION_FILE)),
-                   images=images, labels=labels, neighbors=read_neighbors(run_dir),
-                   errors=_read_some_errors(run_dir, error_examples))
+                   evaluation=run_reader.read_json_file(run_dir, EVALUATION_FILE),
+                   images=images, labels=labels,
+                   neighbors=run_reader.read_neighbor_lists(run_dir),
+                   errors=list(itertools.islice(run_reader.iter_error_records(run_dir),
+                                                error_examples)))
 
 
 def sample_products(runs: list[RunData], n: int, seed: int = 0) -> list[str]:

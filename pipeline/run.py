@@ -26,22 +26,20 @@ from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions
                                                   StandardOptions, WorkerOptions)
 
 from pipeline import (cli, dry_run, files, interrupts, logs, object_store, publish,  # noqa: E402
-                      run_errors, run_lock)
+                      run_errors, run_layout, run_lock)
 from pipeline.run_progress import RunProgress, expected_rows  # noqa: E402
 from pipeline.local_runner import is_direct, runner_for
-from pipeline.graph import ERRORS_DIR, RunConfig, build_graph
+from pipeline.graph import RunConfig, build_graph
 from pipeline.models import engines
 from pipeline.models.registry import ModelLoadError, resolve_model
 from pipeline.options import SimilarityOptions
-from transforms.build_index import INDEX_DIR
-from transforms.duplicate_groups import DUPLICATES_DIR
-from transforms.fetch import FetchConfig
+from pipeline.run_layout import (DUPLICATES_DIR, ERRORS_DIR, FEATURES_DIR, INDEX_DIR,
+                                 MANIFEST_FILE, PAIRS_PREFIX)
+from pipeline.http_fetch import FetchConfig
 from transforms.query_neighbors import clear_stale_shards
 from transforms.read_catalog import CatalogError, inspect_catalog, manifest_kind
 from transforms.read_vectors import vector_dim
 from pipeline.vectors import external_model
-from transforms.write_features import FEATURES_DIR
-from transforms.write_manifest import MANIFEST_FILE
 
 VERSIONED_PACKAGES = ("apache-beam", "tensorflow", "tensorflow-hub", "annoy", "numpy",
                       "pyarrow", "pillow")
@@ -163,7 +161,7 @@ def _check_previous_features(run_dir: str) -> None:
 
     from transforms.reuse_previous import PREVIOUS_COLUMNS
 
-    for match in FileSystems.match([files.join(run_dir, FEATURES_DIR, "*.parquet")])[0] \
+    for match in FileSystems.match([run_layout.feature_shards(run_dir)])[0] \
             .metadata_list:
         with FileSystems.open(match.path) as handle:
             names = set(pq.ParquetFile(handle).schema_arrow.names)
@@ -319,7 +317,7 @@ def summarize(manifest: dict, phases: dict | None = None, evaluation: dict | Non
     lines += [
         f"Outputs in {out}:",
         f"  {files.join(out, 'neighbors')}/  per-product top-{manifest['top_k']} JSONL",
-        f"  {files.join(out, 'similar_products-*.jsonl')}  flat master/similar pairs",
+        f"  {files.join(out, f'{PAIRS_PREFIX}-*.jsonl')}  flat master/similar pairs",
         f"  {files.join(out, FEATURES_DIR)}/  embeddings (Parquet)",
         f"  {files.join(out, ERRORS_DIR)}/  one line per failed row",
         f"  {files.join(out, MANIFEST_FILE)}",

@@ -21,8 +21,7 @@ never by the newer one.
 
 This module sits at the bottom layer (numpy, Annoy, pyarrow, the model
 registry); it imports Apache Beam only when a URL needs a non-local path
-resolved or when image decoding is first needed (the decoder lives in
-``transforms/decode.py``).
+resolved (the decoder, ``pipeline/image_decode.py``, is Beam-free).
 """
 
 from __future__ import annotations
@@ -39,20 +38,18 @@ import numpy as np
 from pipeline import similarity_search
 from pipeline.models import engines
 from pipeline.models.registry import ModelLoadError, ResolvedModel, load_model, resolve_model
-
-# The run layout written by transforms/build_index.py, transforms/query_neighbors.py
-# and transforms/write_manifest.py (repeated here so opening an index does not
-# import Apache Beam, ~1.8 s).
-MANIFEST_FILE = "manifest.json"
-INDEX_DIR = "index"
-META_FILE = "meta.json"
-PARTITIONS_FILE = "partitions.json"
-VECTORS_FILE = "vectors.npy"
-IDS_FILE = "ids.parquet"
-PCA_MEAN_FILE = "pca_mean.npy"
-PCA_COMPONENTS_FILE = "pca_components.npy"
-NEIGHBORS_DIR = "neighbors"
-LATEST = "LATEST"
+from pipeline.run_layout import (
+    IDS_FILE,
+    INDEX_DIR,
+    LATEST,
+    MANIFEST_FILE,
+    META_FILE,
+    NEIGHBORS_DIR,
+    PARTITIONS_FILE,
+    PCA_COMPONENTS_FILE,
+    PCA_MEAN_FILE,
+    VECTORS_FILE,
+)
 
 DEFAULT_K = 20
 
@@ -305,9 +302,9 @@ class SimilarityIndex:
         index._cache_dir = cache_dir
         if load_model_now:
             index.model()
-            # The decoder's module imports Apache Beam (~1 s): pay it here, not in the
-            # first request.
-            import transforms.decode  # noqa: F401
+            # The decoder's module imports Pillow and its plugins: pay it here, not in
+            # the first request.
+            import pipeline.image_decode  # noqa: F401
         return index
 
     def model(self) -> ResolvedModel:
@@ -467,7 +464,7 @@ class SimilarityIndex:
     # --- reading images -----------------------------------------------------
 
     def _pixels(self, image) -> np.ndarray:
-        from transforms.decode import DecodeError, decode_image
+        from pipeline.image_decode import DecodeError, decode_image
 
         size = self.model().input_size
         try:
@@ -494,8 +491,8 @@ class SimilarityIndex:
             raise QueryError(exc.reason, exc.message, "decode") from exc
 
     def _read(self, location: str) -> bytes:
+        from pipeline.http_fetch import FetchConfig, HttpFetcher
         from transforms.errors import RowError
-        from transforms.fetch import FetchConfig, HttpFetcher
 
         scheme = location.split("://", 1)[0].lower() if "://" in location else ""
         try:

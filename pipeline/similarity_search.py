@@ -322,6 +322,7 @@ def annoy_top_k(
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     rows = _check_query_rows(np.asarray(query_rows), len(query_rows), n_vectors)
+    assert rows is not None  # only a None query_rows gives None
     k_out = max(min(k, n_vectors - 1), 0)
     if candidates is None:
         candidates = default_candidates(k_out)

@@ -50,14 +50,16 @@ def _as_array(value) -> np.ndarray:
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise VectorError("not_a_list", f"the embedding cell is not UTF-8 text ({exc.reason})")
+            raise VectorError("not_a_list",
+                              f"the embedding cell is not UTF-8 text ({exc.reason})") from exc
     if isinstance(value, str):
         if not value.strip():
             raise VectorError("null_vector", "the embedding cell is empty")
         try:
             value = json.loads(value)
-        except ValueError:
-            raise VectorError("not_a_list", "the embedding cell is not a JSON array of numbers")
+        except ValueError as exc:
+            raise VectorError("not_a_list",
+                              "the embedding cell is not a JSON array of numbers") from exc
     if isinstance(value, np.ndarray):
         array = value
     elif isinstance(value, (list, tuple)):

@@ -8,7 +8,7 @@
 The catalogue is any input the pipeline reads (CSV/JSONL/Parquet manifest or
 an image glob). Images are read and decoded lazily, one at a time, by a
 generator behind ``tf.data`` (never the whole catalogue in memory), with the
-pipeline's own :func:`~transforms.decode.decode_image`; rows whose image cannot
+pipeline's own :func:`~pipeline.image_decode.decode_image`; rows whose image cannot
 be read or decoded are skipped and counted by reason. Products go to the
 validation set by a hash of their id, so the split never changes between runs.
 Training stops early when the validation loss has not improved for
@@ -38,8 +38,8 @@ from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageDraw
 
 from pipeline import files
+from pipeline.image_decode import DecodeError, decode_image
 from pipeline.models import autoencoder as ae
-from transforms.decode import DecodeError, decode_image
 from transforms.read_catalog import CatalogError, ReadManifestRowsFn, inspect_catalog, is_url
 
 TRAINING_FILE = "training.json"

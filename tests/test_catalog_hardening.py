@@ -32,8 +32,13 @@ from pipeline.csv_records import CsvReader
 from pipeline.export import main as export_main
 from pipeline.exporters.elastic import write_bulk_files
 from pipeline.exporters.run_data import RunDataError, open_run
-from pipeline.product_ids import (MAX_ID_BYTES, InvalidValue, printable, product_id_from,
-                                  redact_userinfo)
+from pipeline.product_ids import (
+    MAX_ID_BYTES,
+    InvalidValue,
+    printable,
+    product_id_from,
+    redact_userinfo,
+)
 from pipeline.run import run
 from tests.conftest import shape_image
 from tests.export_fixtures import write_run

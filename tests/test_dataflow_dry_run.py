@@ -12,8 +12,10 @@ import os
 
 import pytest
 
-from pipeline.run import main as run_main, run
-from runners.dataflow import DataflowUsageError, dataflow_args, main as dataflow_main
+from pipeline.run import main as run_main
+from pipeline.run import run
+from runners.dataflow import DataflowUsageError, dataflow_args
+from runners.dataflow import main as dataflow_main
 from tests.conftest import write_catalog
 
 pytest.importorskip("apache_beam.runners.dataflow.internal.apiclient",

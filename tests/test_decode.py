@@ -1,4 +1,4 @@
-"""Tests of transforms/decode.py: every input becomes pixels or one clear error."""
+"""Tests of pipeline/image_decode.py and its DoFn (transforms/decode.py): every input becomes pixels or one clear error."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from transforms.decode import DecodedImage, DecodeError, DecodeImageFn, decode_image
+from pipeline.image_decode import DecodedImage, DecodeError, decode_image
+from transforms.decode import DecodeImageFn
 from transforms.errors import ERRORS
 
 SIZE = 32
@@ -101,7 +102,7 @@ def test_large_jpeg_decodes_at_reduced_scale_but_reports_original_size():
 def test_direct_jpeg_decoding_gives_pillows_exact_pixels(mode, width, height, progressive,
                                                          monkeypatch):
     # Plain JPEGs skip Pillow (twice as fast); a vector must not depend on which path ran.
-    from transforms import decode
+    from pipeline import image_decode as decode
 
     rng = np.random.default_rng(width * height)
     small = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
@@ -116,7 +117,7 @@ def test_direct_jpeg_decoding_gives_pillows_exact_pixels(mode, width, height, pr
 
 
 def test_jpegs_needing_pillow_never_take_the_direct_path():
-    from transforms import decode
+    from pipeline import image_decode as decode
 
     cmyk = encode(Image.new("CMYK", (40, 40), (0, 255, 255, 0)), "JPEG")
     plain = encode(Image.new("RGB", (40, 40), RED), "JPEG")

@@ -1,4 +1,4 @@
-"""Issue 15 hardening of transforms/decode.py: content never leaks into error messages,
+"""Issue 15 hardening of pipeline/image_decode.py: content never leaks into error messages,
 float TIFFs and HEIC decode, every unsupported format has its own reason, and the declared
 size of sub-images (ICO icons, TIFF tiles, GIF frames) is checked before any pixel is decoded.
 """
@@ -20,8 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from transforms import decode
-from transforms.decode import UNSUPPORTED_FORMATS, DecodeError, decode_image, float_to_uint8
+from pipeline import image_decode as decode
+from pipeline.image_decode import UNSUPPORTED_FORMATS, DecodeError, decode_image, float_to_uint8
 
 tifffile = pytest.importorskip("tifffile")
 
@@ -351,7 +351,7 @@ def peak_kib():
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 
 
-from transforms import decode
+from pipeline import image_decode as decode
 if sys.argv[4] == "unguarded":
     decode._ico_icon_sizes = lambda data: iter(())
 fd = os.open(sys.argv[2], os.O_RDONLY)

@@ -9,13 +9,11 @@ that refused or failed loads leave the live tables untouched.
 
 from __future__ import annotations
 
-
 import numpy as np
 import psycopg
 
 from pipeline.export import main
-from tests.export_fixtures import (assert_reload_is_atomic_under_a_reader, neighbor_lists,
-                                   write_run)
+from tests.export_fixtures import assert_reload_is_atomic_under_a_reader, neighbor_lists, write_run
 from tests.pg_server import postgres_db, postgres_dsn  # noqa: F401 (fixtures)
 
 

@@ -9,8 +9,7 @@ import sqlite3
 import numpy as np
 
 from pipeline.export import main
-from tests.export_fixtures import (assert_reload_is_atomic_under_a_reader, neighbor_lists,
-                                   write_run)
+from tests.export_fixtures import assert_reload_is_atomic_under_a_reader, neighbor_lists, write_run
 
 
 def load(run_path: str, db: str, *extra: str) -> int:

@@ -1,4 +1,4 @@
-"""Tests of transforms/fetch.py against a misbehaving local HTTP server."""
+"""Tests of pipeline/http_fetch.py against a misbehaving local HTTP server."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from pipeline.http_fetch import FetchConfig, FetchError, HttpFetcher, check_url
+from pipeline.image_decode import DecodeError, decode_image
 from tests.http_fixtures import HTML, JPEG, http_server  # noqa: F401 (fixture)
-from transforms.decode import DecodeError, decode_image
-from transforms.fetch import FetchConfig, FetchError, HttpFetcher, check_url
 
 FAST = dict(
     connect_timeout=1.0,

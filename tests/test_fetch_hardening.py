@@ -21,10 +21,10 @@ import time
 
 import pytest
 
+from pipeline.http_fetch import FetchConfig, FetchError, HttpFetcher, connect_socket, parse_url
+from pipeline.image_decode import DecodeError, decode_image
 from tests.http_fixtures import JPEG, http_server  # noqa: F401 (fixture)
-from transforms.decode import DecodeError, decode_image
 from transforms.errors import RowError, error_record
-from transforms.fetch import FetchConfig, FetchError, HttpFetcher, connect_socket, parse_url
 from transforms.locations import redact_location
 from transforms.read_bytes import read_file_bytes
 
@@ -119,7 +119,7 @@ SIGINT_CHILD = textwrap.dedent("""
     import sys, time
     from apache_beam.transforms.window import GlobalWindow
     from apache_beam.utils.timestamp import MIN_TIMESTAMP
-    from transforms.fetch import FetchConfig
+    from pipeline.http_fetch import FetchConfig
     from transforms.read_bytes import ReadImageBytesFn
 
     config = FetchConfig(read_timeout=30, total_timeout=120, max_retries=5, backoff_factor=5,

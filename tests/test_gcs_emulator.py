@@ -19,9 +19,9 @@ pytest.importorskip("apache_beam.io.gcp.gcsfilesystem", reason="needs the [gcp] 
 pytest.importorskip("gcp_storage_emulator", reason="needs pip install gcp-storage-emulator")
 
 from pipeline.export import main as export_main  # noqa: E402
-from pipeline.run import main as run_main, run  # noqa: E402
-from tests.beam_services import (BeamPortableServices, GcsEmulator, TokenServer,  # noqa: E402
-                                 free_port, repo_env)
+from pipeline.run import main as run_main  # noqa: E402
+from pipeline.run import run
+from tests.beam_services import BeamPortableServices, GcsEmulator, TokenServer, free_port, repo_env  # noqa: E402
 from tests.conftest import write_catalog  # noqa: E402
 
 BUCKET = "vs-test"

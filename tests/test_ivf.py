@@ -92,6 +92,7 @@ def _write_features(path, v):
 def _run_stage(tmp_path, v, search, extra):
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
+
     from transforms.build_index import BuildIndex
     from transforms.query_neighbors import QueryNeighbors
 

@@ -15,6 +15,7 @@ from pipeline.models.engines import lanes_for, preferred_batch
 from pipeline.run import main, run
 from tests.conftest import FAMILIES, TINY_DIM, write_catalog
 
+
 def _jsonl(pattern):
     lines = []
     for path in sorted(glob.glob(pattern)):

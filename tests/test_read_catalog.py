@@ -13,8 +13,13 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from transforms.deduplicate import DeduplicateProductIds
 from transforms.errors import ERRORS
-from transforms.read_catalog import (CatalogError, ReadCatalog, ReadManifestRowsFn,
-                                     inspect_catalog, resolve_image)
+from transforms.read_catalog import (
+    CatalogError,
+    ReadCatalog,
+    ReadManifestRowsFn,
+    inspect_catalog,
+    resolve_image,
+)
 
 
 def rows_of(path, **kwargs):

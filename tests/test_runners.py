@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from runners.dataflow import SETUP_FILE, DataflowUsageError, dataflow_args, main as dataflow_main
+from runners.dataflow import SETUP_FILE, DataflowUsageError, dataflow_args
+from runners.dataflow import main as dataflow_main
 from runners.direct import direct_args
 
 

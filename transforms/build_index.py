@@ -28,15 +28,17 @@ import pyarrow.parquet as pq
 
 from pipeline import files, similarity_search
 from pipeline.features import MixedModelsError, read_feature_matrix
+from pipeline.run_layout import (
+    ANNOY_FILE,
+    IDS_FILE,
+    INDEX_DIR,
+    META_FILE,
+    PARTITIONS_FILE,
+    PCA_COMPONENTS_FILE,
+    PCA_MEAN_FILE,
+    VECTORS_FILE,
+)
 
-INDEX_DIR = "index"
-ANNOY_FILE = "annoy.ann"
-VECTORS_FILE = "vectors.npy"
-IDS_FILE = "ids.parquet"
-META_FILE = "meta.json"
-PARTITIONS_FILE = "partitions.json"
-PCA_MEAN_FILE = "pca_mean.npy"
-PCA_COMPONENTS_FILE = "pca_components.npy"
 # Rows sampled to fit the PCA: plenty for a 1280 x 1280 covariance, bounded memory.
 PCA_FIT_ROWS = 100_000
 

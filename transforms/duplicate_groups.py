@@ -12,12 +12,10 @@ image file), "same_image_bytes": [[ids with identical bytes], ...],
 
 from __future__ import annotations
 
-
 import apache_beam as beam
 
 from pipeline import files
-
-DUPLICATES_DIR = "duplicates"
+from pipeline.run_layout import DUPLICATES_DIR, DUPLICATES_FILE
 
 
 def _identical_pairs(keyed):
@@ -73,7 +71,7 @@ class WriteDuplicateGroups(beam.PTransform):
 
     def __init__(self, output_dir: str):
         super().__init__()
-        self._path = files.join(output_dir, DUPLICATES_DIR, "duplicates-00000-of-00001.jsonl")
+        self._path = files.join(output_dir, DUPLICATES_DIR, DUPLICATES_FILE)
 
     def expand(self, inputs):
         features, similar_pairs = inputs

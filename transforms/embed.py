@@ -20,6 +20,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 from apache_beam.utils.windowed_value import WindowedValue
 
+from pipeline.features import feature_row
 from pipeline.models.registry import ResolvedModel, load_model
 from transforms.errors import ERRORS, METRICS_NAMESPACE, STAGE_EMBED, count_failure, error_record
 from transforms.locations import redact_location
@@ -57,23 +58,6 @@ def normalize_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     usable = finite & (norms > 1e-12)
     safe = np.where(usable, norms, 1.0).astype(np.float32)
     return (vectors / safe[:, None]).astype(np.float32), usable
-
-
-def feature_row(row: dict, embedding: np.ndarray, model_id: str) -> dict:
-    """The Parquet feature row of one embedded image (carried columns flattened in)."""
-    out = {
-        "product_id": row["product_id"],
-        "image": redact_location(row["image"]),  # never credentials or tokens (issue 15)
-        "embedding": embedding,
-        "model": model_id,
-        "sha256": row.get("sha256"),
-        "width": row.get("width"),
-        "height": row.get("height"),
-        "etag": row.get("etag"),
-        "last_modified": row.get("last_modified"),
-    }
-    out.update(row.get("extra") or {})
-    return out
 
 
 class EmbedBatchFn(beam.DoFn):
@@ -171,7 +155,9 @@ class EmbedBatchFn(beam.DoFn):
                     "the model returned a zero or non-finite vector for this image")))
                 continue
             self._embedded.inc()
-            yield windowed(feature_row(row, vector, self._model_info.model_id))
+            # The stored location never holds credentials or tokens (issue 15).
+            stored = {**row, "image": redact_location(row["image"])}
+            yield windowed(feature_row(stored, vector, self._model_info.model_id))
 
 
 class EmbedImages(beam.PTransform):

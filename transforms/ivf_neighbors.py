@@ -41,9 +41,8 @@ import apache_beam as beam
 import numpy as np
 
 from pipeline import files, ivf, similarity_search
-from transforms.build_index import IDS_FILE, VECTORS_FILE
+from pipeline.run_layout import CENTROIDS_FILE, IDS_FILE, VECTORS_FILE
 
-CENTROIDS_FILE = "ivf_centroids.npy"
 RECALL_SAMPLE = 1_000  # products per run whose lists are checked against exact search
 
 

@@ -20,7 +20,7 @@ _DATA_SHOWN = 40  # characters of a data: URL's media type kept when it is shown
 
 
 def location_scheme(location: Any) -> str | None:
-    """The lower-case scheme of ``location`` (``http``, ``gs``, ``data``…), or None for a plain path.
+    """The lower-case scheme of ``location`` (``http``, ``gs``, ``data``…), None for a plain path.
 
     Any ``name:`` prefix of two or more scheme characters counts, with or
     without ``//``: ``data:image/png;base64,…`` and ``mailto:x`` have schemes

@@ -18,20 +18,24 @@ import numpy as np
 from apache_beam.utils import shared
 
 from pipeline import files
+from pipeline.http_fetch import FetchConfig
 from pipeline.models.registry import ResolvedModel
+from pipeline.run_layout import (
+    ERRORS_DIR,
+    ERRORS_PREFIX,
+    NEIGHBORS_DIR,
+    NEIGHBORS_PREFIX,
+    QUERY_MANIFEST_FILE,
+)
 from transforms import count_rows
 from transforms.decode import DecodeImageFn
 from transforms.deduplicate import DeduplicateProductIds
 from transforms.embed import EmbedImages
 from transforms.errors import ERRORS
-from transforms.fetch import FetchConfig
 from transforms.read_bytes import ReadImageBytesFn
 from transforms.read_catalog import CatalogInfo, ReadCatalog
 from transforms.validate_rows import SplitInvalidRowsFn
 
-QUERY_MANIFEST_FILE = "query_manifest.json"
-NEIGHBORS_DIR = "neighbors"
-ERRORS_DIR = "errors"
 LOOKUP_BATCH = 64
 
 
@@ -110,14 +114,14 @@ def build_query_graph(p: beam.Pipeline, catalog: CatalogInfo, model: ResolvedMod
     neighbor_files = (records
                       | "NeighborsToJson" >> beam.Map(files.json_line)
                       | "WriteNeighbors" >> beam.io.WriteToText(
-                          files.join(output, NEIGHBORS_DIR, "neighbors"),
+                          files.join(output, NEIGHBORS_DIR, NEIGHBORS_PREFIX),
                           file_name_suffix=".jsonl"))
     errors = ((valid[ERRORS], unique[ERRORS], read[ERRORS], decoded[ERRORS], embedded[ERRORS])
               | "AllErrors" >> beam.Flatten())
     error_files = (errors
                    | "ErrorsToJson" >> beam.Map(files.json_line)
                    | "WriteErrors" >> beam.io.WriteToText(
-                       files.join(output, ERRORS_DIR, "errors"), file_name_suffix=".jsonl"))
+                       files.join(output, ERRORS_DIR, ERRORS_PREFIX), file_name_suffix=".jsonl"))
     tallies = ({count_rows.INPUT: rows, count_rows.EMBEDDED: embedded.features,
                 "looked_up": records, count_rows.FAILED: errors}
                | "CountRows" >> count_rows.CountRows())

@@ -23,12 +23,9 @@ from apache_beam.metrics import Metrics
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import files, similarity_search
-from transforms.build_index import ANNOY_FILE, IDS_FILE, VECTORS_FILE
+from pipeline.run_layout import ANNOY_FILE, IDS_FILE, NEIGHBORS_DIR, NEIGHBORS_PREFIX, VECTORS_FILE
+from pipeline.run_layout import PAIRS_PREFIX as FLAT_PREFIX
 from transforms.errors import METRICS_NAMESPACE
-
-NEIGHBORS_DIR = "neighbors"
-NEIGHBORS_PREFIX = "neighbors"
-FLAT_PREFIX = "similar_products"
 
 
 def rows_per_shard(count: int) -> int:

@@ -27,7 +27,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.errors import (ERRORS, METRICS_NAMESPACE, STAGE_READ, RowError, count_failure,
                               error_record)
-from transforms.fetch import FetchConfig, HttpFetcher
+from pipeline.http_fetch import FetchConfig, HttpFetcher
 from transforms.locations import location_scheme, redact_location
 
 _URL_SCHEMES = ("http", "https")

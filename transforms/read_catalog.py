@@ -36,15 +36,21 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.csv_records import CsvHeaderError, CsvReader
-from pipeline.product_ids import (InvalidValue, clean_text, has_surrogate, image_from,
-                                  printable, product_id_from)
+from pipeline.features import FEATURE_COLUMNS
+from pipeline.product_ids import (
+    InvalidValue,
+    clean_text,
+    has_surrogate,
+    image_from,
+    printable,
+    product_id_from,
+)
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 
 # Columns the pipeline writes itself; a manifest column of the same name is
 # carried as ``manifest_<name>`` so it cannot overwrite them.
-RESERVED_COLUMNS = ("product_id", "image", "embedding", "model", "sha256", "width", "height",
-                    "etag", "last_modified")
+RESERVED_COLUMNS = FEATURE_COLUMNS
 
 _URL_SCHEMES = ("http://", "https://")
 

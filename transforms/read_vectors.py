@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 from apache_beam import pvalue
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import files, vectors
-from transforms.embed import feature_row
+from pipeline import run_layout, vectors
+from pipeline.features import feature_row
 from transforms.errors import ERRORS, STAGE_READ, count_failure, error_record
 from transforms.read_catalog import CatalogInfo, ReadManifestRowsFn, _column_values
 
@@ -85,7 +85,7 @@ class ReadPreviousVectorKeys(beam.PTransform):
 
     def __init__(self, run_dir: str):
         super().__init__()
-        self._pattern = files.join(run_dir, "features", "*.parquet")
+        self._pattern = run_layout.feature_shards(run_dir)
 
     def expand(self, pbegin):
         return (pbegin

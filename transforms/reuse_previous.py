@@ -16,14 +16,13 @@ import numpy as np
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
-from pipeline import files
-from transforms.embed import feature_row
+from pipeline import run_layout
+from pipeline.features import FEATURE_COLUMNS, feature_row
 from transforms.errors import METRICS_NAMESPACE
 
 REUSED = "reused"
 # Columns of the previous feature rows that the join carries (not the whole row).
-PREVIOUS_COLUMNS = ("product_id", "image", "embedding", "model", "sha256", "width", "height",
-                    "etag", "last_modified")
+PREVIOUS_COLUMNS = FEATURE_COLUMNS
 
 
 class ReadPreviousFeatures(beam.PTransform):
@@ -31,7 +30,7 @@ class ReadPreviousFeatures(beam.PTransform):
 
     def __init__(self, run_dir: str):
         super().__init__()
-        self._pattern = files.join(run_dir, "features", "*.parquet")
+        self._pattern = run_layout.feature_shards(run_dir)
 
     def expand(self, pbegin):
         return (pbegin

@@ -18,35 +18,7 @@ import pyarrow.parquet as pq
 from apache_beam.io import filebasedsink
 from apache_beam.io.filesystem import CompressionTypes
 
-from pipeline.models.registry import ResolvedModel
-from transforms.read_catalog import CatalogInfo
-
-FEATURES_DIR = "features"
-FEATURES_PREFIX = "features"
-
-
-def features_schema(model: ResolvedModel, catalog: CatalogInfo) -> pa.Schema:
-    """The Parquet schema of ``features/``, with the embedding dimension in its metadata."""
-    fields = [
-        pa.field("product_id", pa.string(), nullable=False),
-        pa.field("image", pa.string()),
-        pa.field("embedding", pa.list_(pa.float32()), nullable=False),
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("sha256", pa.string()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        # HTTP validators of URL images: the next run asks "changed since?" with them.
-        pa.field("etag", pa.string()),
-        pa.field("last_modified", pa.string()),
-    ]
-    fields.extend(catalog.carried_schema_fields())
-    metadata = {
-        "embedding_dim": str(model.dim),
-        "model": model.model_id,
-        "normalization": "l2",
-    }
-    return pa.schema(fields, metadata=metadata)
-
+from pipeline.run_layout import FEATURES_DIR, FEATURES_PREFIX
 
 # Rows per Parquet write call (each call appends a row group).
 RECORD_BATCH_ROWS = 256

@@ -17,9 +17,8 @@ from collections import Counter
 import apache_beam as beam
 
 from pipeline import files
+from pipeline.run_layout import MANIFEST_FILE
 from transforms.count_rows import EMBEDDED, INPUT, REMOVED, REUSED, RunCounts
-
-MANIFEST_FILE = "manifest.json"
 
 
 class IncompleteRunError(RuntimeError):

@@ -23,8 +23,14 @@ import orjson
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import files
-from pipeline.exporters.run_data import (Run, RunDataError, check_product_id, embedding_rows,
-                                         iter_neighbor_lists, read_embeddings)
+from pipeline.exporters.run_data import (
+    Run,
+    RunDataError,
+    check_product_id,
+    embedding_rows,
+    iter_neighbor_lists,
+    read_embeddings,
+)
 
 DEFAULT_INDEX = "similar_products"
 DEFAULT_CHUNK_DOCS = 5000

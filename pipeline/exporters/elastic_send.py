@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 
 from elasticsearch import BadRequestError, Elasticsearch, helpers
 
-from pipeline.exporters.elastic import (DEFAULT_CHUNK_BYTES, bulk_action, documents,
-                                        encode_document)
+from pipeline.exporters.elastic import DEFAULT_CHUNK_BYTES, bulk_action, documents, encode_document
 from pipeline.exporters.run_data import Run
 
 MAX_REASONS = 5

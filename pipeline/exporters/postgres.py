@@ -20,8 +20,16 @@ from psycopg import sql
 
 from pipeline.exporters.pgcopy import embedding_copy_blocks
 from pipeline.exporters.run_data import Run, read_embeddings
-from pipeline.exporters.tables import (EMBEDDINGS, NEIGHBORS, RUNS, LoadCounts, TableNames,
-                                       neighbor_rows, run_record, table_names)
+from pipeline.exporters.tables import (
+    EMBEDDINGS,
+    NEIGHBORS,
+    RUNS,
+    LoadCounts,
+    TableNames,
+    neighbor_rows,
+    run_record,
+    table_names,
+)
 from pipeline.features import FeatureMatrix
 
 DEFAULT_LOCK_TIMEOUT = "60s"

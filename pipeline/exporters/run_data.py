@@ -19,13 +19,10 @@ from typing import Iterator
 import orjson
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import files, publish
-from pipeline.features import FeatureMatrix, feature_files, read_feature_matrix
+from pipeline import files, publish, run_reader
+from pipeline.features import FeatureMatrix, read_feature_matrix
 from pipeline.product_ids import product_id_problem
-
-MANIFEST_FILE = "manifest.json"
-NEIGHBORS_PATTERN = ("neighbors", "neighbors-*.jsonl")
-FEATURES_DIR = "features"
+from pipeline.run_layout import MANIFEST_FILE
 
 
 class RunDataError(ValueError):
@@ -94,7 +91,7 @@ def open_run(run_dir: str) -> Run:
     INCOMPLETE (not yet verified and published) is refused.
     """
     run_dir = publish.resolve_run(run_dir)
-    if FileSystems.exists(files.join(run_dir, publish.INCOMPLETE)):
+    if run_reader.is_marked_incomplete(run_dir):
         raise RunDataError(
             f"{run_dir} is not a complete run (it is still marked {publish.INCOMPLETE}); "
             f"point --run at ROOT/LATEST or a published run")
@@ -117,8 +114,7 @@ def open_run(run_dir: str) -> Run:
 
 def neighbor_files(run: Run) -> list[str]:
     """The neighbour shards of a run, in name order (= product id ranges)."""
-    pattern = files.join(run.path, *NEIGHBORS_PATTERN)
-    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    return run_reader.neighbor_paths(run.path)
 
 
 def iter_neighbor_lists(run: Run) -> Iterator[tuple[str, list[dict]]]:
@@ -160,7 +156,7 @@ def read_embeddings(run: Run) -> FeatureMatrix:
     The vectors must come from the manifest's model, have its dimension and
     cover as many products as it says were embedded.
     """
-    paths = feature_files(files.join(run.path, FEATURES_DIR))
+    paths = run_reader.feature_paths(run.path)
     try:
         matrix = read_feature_matrix(paths)
     except ValueError as exc:  # mixed models, duplicate ids, ragged vectors

@@ -19,8 +19,16 @@ import sqlite3
 from typing import Iterator
 
 from pipeline.exporters.run_data import Run, read_embeddings
-from pipeline.exporters.tables import (EMBEDDINGS, NEIGHBORS, RUNS, LoadCounts, TableNames,
-                                       neighbor_rows, run_record, table_names)
+from pipeline.exporters.tables import (
+    EMBEDDINGS,
+    NEIGHBORS,
+    RUNS,
+    LoadCounts,
+    TableNames,
+    neighbor_rows,
+    run_record,
+    table_names,
+)
 from pipeline.features import FeatureMatrix
 
 DEFAULT_BUSY_TIMEOUT_S = 60.0

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass
+from typing import Any
 
 ARCHITECTURES = ("conv16", "pool128")
 LATENT_LAYER = "latent_space"
@@ -49,7 +50,7 @@ class AutoencoderConfig:
 
 # Per preset: default image size, latent size (pool128's follows from its pooling),
 # batch size (the origins'), channels and loss.
-PRESETS = {
+PRESETS: dict[str, dict[str, Any]] = {
     "conv16": {"image_size": 128, "latent_dim": 16, "batch_size": 32, "channels": 3,
                "loss": "mse"},
     "pool128": {"image_size": 28, "latent_dim": None, "batch_size": 400, "channels": 1,
@@ -238,7 +239,7 @@ def _hub_module(encoder, config: AutoencoderConfig):
         # can track the weights; they shadow tf.Module's computed properties.
         variables = None
         trainable_variables = None
-        regularization_losses = None
+        regularization_losses: list | None = None
 
         def __init__(self) -> None:
             super().__init__(name=f"autoencoder_{config.arch}")

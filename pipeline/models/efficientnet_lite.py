@@ -26,6 +26,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -202,7 +203,7 @@ class _WeightLoader:
 
     def __init__(self, state: dict[str, np.ndarray]) -> None:
         self.state = state
-        self.assignments: list[tuple[object, list[np.ndarray]]] = []
+        self.assignments: list[tuple[Any, list[np.ndarray]]] = []
         self.used: set[str] = set()
 
     def take(self, key: str) -> np.ndarray:
@@ -322,7 +323,7 @@ def _hub_module(features_model, classifier_model, input_size: int):
         # weight is saved once (as the tf.Variable the functions capture).
         variables = None
         trainable_variables = None
-        regularization_losses = None
+        regularization_losses: list | None = None
 
         def __init__(self) -> None:
             super().__init__(name="efficientnet_lite")

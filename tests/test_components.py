@@ -1,0 +1,174 @@
+"""Each Beam stage on its own, fed small fake rows: no model, no TensorFlow, seconds per test.
+
+The end-to-end tests run the whole graph on images; these feed the index, neighbour,
+count, manifest, duplicate and reuse transforms hand-made feature rows through Beam's
+``TestPipeline`` and check what each stage promises, so a failure names the stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipeline import run_layout, run_reader
+from pipeline.features import feature_row, features_schema
+from transforms import count_rows
+from transforms.build_index import BuildIndex
+from transforms.deduplicate import REMOVED, DeduplicateProductIds
+from transforms.duplicate_groups import WriteDuplicateGroups
+from transforms.errors import ERRORS
+from transforms.query_neighbors import QueryNeighbors
+from transforms.read_catalog import CatalogInfo
+from transforms.reuse_previous import REUSED, SplitUnchangedFn
+from transforms.write_manifest import WriteManifest
+
+MODEL_ID = "fake@1"
+DIM = 8
+
+
+def _pairs_of_twins(n_pairs: int) -> tuple[list[str], np.ndarray]:
+    """Ids a0, b0, a1, b1…: each b is a slightly moved copy of its a, far from the others."""
+    rng = np.random.default_rng(7)
+    ids, vectors = [], []
+    for i in range(n_pairs):
+        base = np.zeros(DIM, np.float32)
+        base[i % DIM] = 1.0
+        twin = base + rng.normal(0, 0.05, DIM).astype(np.float32)
+        ids += [f"a{i}", f"b{i}"]
+        vectors += [base, twin / np.linalg.norm(twin)]
+    return ids, np.stack(vectors)
+
+
+def _write_features(directory: str, ids: list[str], vectors: np.ndarray) -> str:
+    model = types.SimpleNamespace(dim=DIM, model_id=MODEL_ID)
+    schema = features_schema(model, CatalogInfo(input="fake.csv", kind="csv"))
+    rows = [feature_row({"product_id": pid, "image": f"{pid}.jpg", "sha256": f"sha-{pid}"},
+                        vec.tolist(), MODEL_ID) for pid, vec in zip(ids, vectors)]
+    path = os.path.join(directory, run_layout.FEATURES_DIR, "features-00000-of-00001.parquet")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
+
+
+def test_index_and_neighbour_stages_give_each_product_its_twin_first(tmp_path):
+    out = str(tmp_path)
+    ids, vectors = _pairs_of_twins(4)
+    path = _write_features(out, ids, vectors)
+    with TestPipeline() as p:
+        built = (p | beam.Create([path])
+                 | BuildIndex(out, MODEL_ID, top_k=3, search="exact"))
+        queried = built["planned"] | QueryNeighbors(out, 3)
+        assert_that(queried["shards"] | beam.Map(lambda s: s["rows"]) | beam.CombineGlobally(sum),
+                    equal_to([len(ids)]), label="EveryProductHasAList")
+    lists = run_reader.read_neighbor_lists(out)
+    assert sorted(lists) == sorted(ids)
+    for pid, neighbours in lists.items():
+        twin = ("b" if pid[0] == "a" else "a") + pid[1:]
+        assert neighbours[0][0] == twin
+        assert len(neighbours) == 3 and pid not in [n for n, _ in neighbours]
+    meta = json.loads((tmp_path / run_layout.INDEX_DIR / run_layout.META_FILE).read_text())
+    assert meta["count"] == len(ids)
+
+
+def test_index_stage_refuses_features_of_another_model(tmp_path):
+    out = str(tmp_path)
+    ids, vectors = _pairs_of_twins(2)
+    path = _write_features(out, ids, vectors)
+    with pytest.raises(Exception, match="one index needs one model"):
+        with TestPipeline() as p:
+            _ = p | beam.Create([path]) | BuildIndex(out, "other@2", top_k=3, search="exact")
+
+
+def test_count_rows_counts_each_category_and_failures_by_stage_and_reason():
+    errors = [{"stage": "decode", "reason": "truncated"}, {"stage": "read", "reason": "http_404"},
+              {"stage": "decode", "reason": "truncated"}]
+    with TestPipeline() as p:
+        counted = {count_rows.INPUT: p | "In" >> beam.Create(range(5)),
+                   count_rows.EMBEDDED: p | "Emb" >> beam.Create(["x", "y"]),
+                   count_rows.FAILED: p | "Err" >> beam.Create(errors)} | count_rows.CountRows()
+        assert_that(counted, equal_to([(("input",), 5), (("embedded",), 2),
+                                       (("failed", "decode", "truncated"), 2),
+                                       (("failed", "read", "http_404"), 1)]))
+
+
+def _manifest_pipeline(out: str, inputs: int, embedded: int, failed: int) -> None:
+    with TestPipeline() as p:
+        counts = {count_rows.INPUT: p | "In" >> beam.Create(range(inputs)),
+                  count_rows.EMBEDDED: p | "Emb" >> beam.Create(range(embedded)),
+                  count_rows.FAILED: p | "Err" >> beam.Create(
+                      [{"stage": "decode", "reason": "corrupt"}] * failed)
+                  } | count_rows.CountRows()
+        no_index = p | "NoIndex" >> beam.Create([])
+        no_shards = p | "NoShards" >> beam.Create([])
+        _ = (counts, no_index, no_shards) | WriteManifest(out, {"run_id": "t"}, 0.0)
+
+
+def test_manifest_stage_writes_the_counts_when_every_row_is_accounted_for(tmp_path):
+    _manifest_pipeline(str(tmp_path), inputs=4, embedded=3, failed=1)
+    manifest = run_reader.read_manifest(str(tmp_path))
+    assert manifest["run_id"] == "t"
+    assert manifest["counts"]["input"] == 4 and manifest["counts"]["embedded"] == 3
+    assert manifest["counts"]["failed_by_reason"] == {"decode:corrupt": 1}
+    assert "neighbors" not in manifest  # no index: a features-only run
+
+
+def test_manifest_stage_refuses_a_run_that_lost_a_row(tmp_path):
+    with pytest.raises(Exception, match="lost rows"):
+        _manifest_pipeline(str(tmp_path), inputs=4, embedded=2, failed=1)
+    assert run_reader.read_manifest(str(tmp_path)) is None
+
+
+def test_duplicate_stage_groups_identical_bytes_and_near_duplicate_pairs(tmp_path):
+    features = [{"product_id": "p1", "sha256": "s"}, {"product_id": "p2", "sha256": "s"},
+                {"product_id": "p3", "sha256": "t"}, {"product_id": "p4", "sha256": "u"},
+                {"product_id": "p5", "sha256": "v"}]
+    with TestPipeline() as p:
+        count = ((p | "F" >> beam.Create(features), p | "N" >> beam.Create([("p3", "p4", 0.97)]))
+                 | WriteDuplicateGroups(str(tmp_path)))
+        assert_that(count, equal_to([2]))
+    path = tmp_path / run_layout.DUPLICATES_DIR / run_layout.DUPLICATES_FILE
+    groups = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [g["products"] for g in groups] == [["p1", "p2"], ["p3", "p4"]]
+    assert [g["identical_bytes"] for g in groups] == [True, False]
+
+
+def test_reuse_stage_turns_unchanged_rows_into_feature_rows_and_passes_the_rest_on():
+    previous = {"product_id": "p1", "image": "old.jpg", "embedding": [1.0, 0.0], "model": MODEL_ID,
+                "sha256": "s1", "width": 10, "height": 20}
+    rows = [{"product_id": "p1", "image": "p1.jpg", "unchanged": True, "previous": previous,
+             "extra": {"category": "shoes"}},
+            {"product_id": "p2", "image": "p2.jpg", "data": b"bytes"}]
+    with TestPipeline() as p:
+        split = (p | beam.Create(rows)
+                 | beam.ParDo(SplitUnchangedFn(MODEL_ID)).with_outputs(REUSED, main="rest"))
+        assert_that(split.rest | beam.Map(lambda r: (r["product_id"], sorted(r))),
+                    equal_to([("p2", ["data", "image", "product_id"])]), label="Rest")
+        assert_that(split[REUSED] | beam.Map(lambda r: (r["product_id"], r["image"], r["width"],
+                                                        r["sha256"], r["category"],
+                                                        list(r["embedding"]))),
+                    equal_to([("p1", "p1.jpg", 10, "s1", "shoes", [1.0, 0.0])]), label="Reused")
+
+
+def test_dedup_stage_keeps_the_first_row_joins_the_previous_run_and_reports_removed_ids():
+    rows = [{"product_id": "p1", "image": "first.jpg", "row_number": 0},
+            {"product_id": "p1", "image": "second.jpg", "row_number": 1},
+            {"product_id": "p2", "image": "p2.jpg", "row_number": 2}]
+    previous = [("p2", {"product_id": "p2", "sha256": "s"}), ("gone", {"product_id": "gone"})]
+    with TestPipeline() as p:
+        out = p | "Rows" >> beam.Create(rows) | DeduplicateProductIds(
+            p | "Prev" >> beam.Create(previous))
+        assert_that(out.rows | beam.Map(lambda r: (r["product_id"], r["image"],
+                                                   (r.get("previous") or {}).get("sha256"))),
+                    equal_to([("p1", "first.jpg", None), ("p2", "p2.jpg", "s")]), label="Kept")
+        assert_that(out[ERRORS] | beam.Map(lambda e: (e["product_id"], e["reason"])),
+                    equal_to([("p1", "duplicate_product_id")]), label="Errors")
+        assert_that(out[REMOVED], equal_to(["gone"]), label="Removed")
