@@ -1,4 +1,6 @@
-"""Child process of an on-disk Annoy build: ``python -m pipeline.annoy_child VECTORS OUT TREES SEED``.
+"""Child process of an on-disk Annoy build.
+
+Usage: ``python -m pipeline.annoy_child VECTORS OUT TREES SEED``.
 
 Annoy's on-disk build writes through a memory-mapped file that it grows as it
 goes; on a full disk the kernel kills the writer with SIGBUS, which no Python

@@ -57,7 +57,7 @@ class Interrupts:
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
     def _after_signal(self) -> None:
-        from transforms.fetch import cancel_all_fetches
+        from pipeline.http_fetch import cancel_all_fetches
 
         with contextlib.suppress(Exception):
             cancel_all_fetches()

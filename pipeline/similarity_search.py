@@ -263,8 +263,8 @@ def _build_in_child(vectors, path: str, tmp_path: str, n_trees: int, seed: int) 
                                     "file could not grow)", path)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        if "[Errno" in last:
-            match = re.search(r"\[Errno (\d+)\]", last)
+        match = re.search(r"\[Errno (\d+)\]", last)
+        if match:
             raise OSError(int(match.group(1)), os.strerror(int(match.group(1))), path)
         raise RuntimeError(f"the Annoy build of {path} failed (exit {done.returncode}): {last}")
 

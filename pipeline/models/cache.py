@@ -94,7 +94,8 @@ def temporary_root() -> Path:
 def _check_name(name: str) -> None:
     """Reject entry names that would escape the cache root or look temporary."""
     if (not name or name in (".", "..") or "/" in name or os.sep in name
-            or (os.altsep and os.altsep in name) or name.startswith((_TMP_PREFIX, _DAMAGED_PREFIX))):
+            or (os.altsep and os.altsep in name)
+            or name.startswith((_TMP_PREFIX, _DAMAGED_PREFIX))):
         raise ValueError(f"invalid cache entry name {name!r}")
 
 
