@@ -185,3 +185,22 @@ def test_catalogue_size_known_at_start(tmp_path):
     path = tmp_path / "c.csv"
     path.write_text("product_id,image,description\n" + rows)
     assert expected_rows("csv", str(path)) == (50, True)
+
+
+def test_live_progress_only_where_the_workers_share_this_machine():
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.run_progress import workers_share_this_machine
+
+    def shares(*args):
+        return workers_share_this_machine(PipelineOptions(list(args)))
+
+    portable = ("--runner=PortableRunner", "--job_endpoint=localhost:8099")
+    assert shares() and shares("--direct_running_mode=multi_processing")
+    assert shares(*portable, "--environment_type=EXTERNAL", "--environment_config=127.0.0.1:5")
+    assert shares(*portable, "--environment_type=LOOPBACK")
+    assert shares(*portable, "--environment_type=PROCESS", "--environment_config={}")
+    assert not shares(*portable)  # DOCKER: containers do not see this disk
+    assert not shares(*portable, "--environment_type=EXTERNAL",
+                      "--environment_config=203.0.113.7:5")  # TEST-NET-3: another host
+    assert not shares("--runner=DataflowRunner")
