@@ -19,6 +19,8 @@ from apache_beam.options.pipeline_options import (
     WorkerOptions,
 )
 
+from pipeline import logs
+
 OPTIONS_THAT_MATTER = (
     (GoogleCloudOptions, ("project", "region", "temp_location", "staging_location",
                           "job_name", "service_account_email")),
@@ -82,7 +84,10 @@ def summarize_job(pipeline, result, options: PipelineOptions, settings: dict) ->
 def build_job(pipeline, options: PipelineOptions, settings: dict) -> dict:
     """Build (and on Dataflow, translate and stage locally) the job without running it."""
     runner = options.view_as(StandardOptions).runner or ""
-    result = pipeline.run() if "Dataflow" in runner else None
+    result = None
+    if "Dataflow" in runner:
+        with logs.native_noise_filtered():  # staging's subprocesses write to fd 2
+            result = pipeline.run()
     return summarize_job(pipeline, result, options, settings)
 
 

@@ -44,12 +44,15 @@ _PATH_PARTS = re.compile(r"[\\/]")
 
 # Native log lines that are start-up information, not problems: absl's INFO and
 # WARNING records (``I0000 00:00:… file.cc:12] …``), the banner absl prints before
-# its first record, the CPU-feature continuation line and TFLite's INFO lines.
+# its first record, the CPU-feature continuation line, TFLite's INFO lines, and the
+# failed ``build`` probe of Beam's ``--setup_file`` staging (it then uses setup.py).
 _NATIVE_NOISE = re.compile(
     r"^(?:[IW]\d{4} [\d:.]+\s+\d+\s+\S+:\d+\]"
     r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
     r"|To enable the following instructions: .*rebuild TensorFlow"
-    r"|INFO: (?:Created TensorFlow Lite|Initialized TensorFlow Lite))")
+    r"|INFO: (?:Created TensorFlow Lite|Initialized TensorFlow Lite)"
+    # Beam's stager probes ``python -m build`` before falling back to setup.py sdist.
+    r"|\S*python[\d.]*: No module named build$)")
 
 
 def level_from(log_level: str | None, verbose: bool = False) -> str:

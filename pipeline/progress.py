@@ -7,8 +7,11 @@ keeps its counts in memory and writes them, atomically, to
 ``<progress dir>/<host>-<pid>.json`` at the end of each bundle and at most
 every :data:`FLUSH_SECONDS` in between. The launcher sums the files it finds.
 The directory is passed in the ``SIMILARITY_PROGRESS_DIR`` environment
-variable, which worker processes started on this machine inherit; where it is
-not set (remote workers) counting costs nothing and nothing is written.
+variable, which worker processes started on this machine inherit, and is also
+carried by the counting steps themselves (:func:`shared_directory` at graph
+construction), so EXTERNAL portable workers on this machine, started outside
+the launcher, write there too. Where neither is set (remote workers) counting
+costs nothing and nothing is written.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 
 ENV_DIR = "SIMILARITY_PROGRESS_DIR"
+# The Beam counters carrying the same counts (every runner reports them in the job's metrics).
+METRICS_NAMESPACE = "similarity_progress"
 FLUSH_SECONDS = 0.5
 
 # Counter names, in the order the rows flow.
@@ -47,8 +52,8 @@ class _Counters:
         self._last_flush = 0.0
         self._directory: str | None = None
 
-    def add(self, name: str, amount: int = 1) -> None:
-        directory = os.environ.get(ENV_DIR)
+    def add(self, name: str, amount: int = 1, directory: str | None = None) -> None:
+        directory = directory or os.environ.get(ENV_DIR)
         if not directory:
             return
         with self._lock:
@@ -74,9 +79,21 @@ class _Counters:
 _COUNTERS = _Counters()
 
 
-def count(name: str, amount: int = 1) -> None:
-    """Add ``amount`` to counter ``name`` of this process (no-op outside a local run)."""
-    _COUNTERS.add(name, amount)
+def count(name: str, amount: int = 1, directory: str | None = None) -> None:
+    """Add ``amount`` to counter ``name`` of this process (no-op outside a local run).
+
+    ``directory`` is the run's status directory when the caller knows it (a
+    counting step carries it to workers that do not inherit the environment).
+    """
+    _COUNTERS.add(name, amount, directory)
+
+
+def shared_directory() -> str | None:
+    """The status directory of the run being built in this process, if it has one.
+
+    Read when the graph is built, so the counting steps carry it to every worker.
+    """
+    return os.environ.get(ENV_DIR) or None
 
 
 def flush() -> None:

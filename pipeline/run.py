@@ -27,7 +27,8 @@ from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions
 
 from pipeline import (cli, dry_run, files, interrupts, logs, object_store, publish,  # noqa: E402
                       run_errors, run_layout, run_lock)
-from pipeline.run_progress import RunProgress, expected_rows  # noqa: E402
+from pipeline.run_progress import (RunProgress, expected_rows,  # noqa: E402
+                                   workers_share_this_machine)
 from pipeline.local_runner import is_direct, runner_for
 from pipeline.graph import RunConfig, build_graph
 from pipeline.models import engines
@@ -352,11 +353,14 @@ def _quiet_workers(options: PipelineOptions, level: str) -> None:
 
 def _start_progress(options: PipelineOptions, opts: SimilarityOptions,
                     config: RunConfig) -> RunProgress:
-    """Live progress for local runners (worker status files cannot reach us from remote ones)."""
-    enabled = not opts.no_progress and is_direct(options)
+    """Live progress from status files where the workers share this machine; elsewhere
+    one line saying so and the final counts from the job's metrics (pipeline.run_progress)."""
+    enabled = not opts.no_progress
     total, exact = (expected_rows(config.catalog.kind, config.catalog.input) if enabled
                     else (None, False))
-    return RunProgress(enabled, total, exact, max(0.5, opts.progress_interval))
+    return RunProgress(enabled, total, exact, max(0.5, opts.progress_interval),
+                       local=workers_share_this_machine(options),
+                       runner=config.settings["runner"])
 
 
 class PublishRefused(RuntimeError):
@@ -443,12 +447,14 @@ def _execute(options: PipelineOptions, opts: SimilarityOptions, config: RunConfi
     """Build and run the graph, then check and publish the run."""
     pipeline = (test_pipeline if test_pipeline is not None
                 else beam.Pipeline(runner=runner_for(options), options=options))
-    build_graph(pipeline, config)
+    # Before the graph is built: its counting steps carry the status directory to workers.
     progress = _start_progress(options, opts, config)
     pipeline_started = time.monotonic() - started
     phases = {}
     try:
+        build_graph(pipeline, config)
         result = pipeline.run()
+        progress.watch(result)
         result.wait_until_finish()
         progress.set_phase("publishing")
         if opts.eval_label_column and not opts.features_only:

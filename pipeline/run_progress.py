@@ -5,22 +5,39 @@ On a terminal it draws one tqdm line (phase, rows by stage, images per second,
 ETA against the catalogue size); without one (cron, CI, Dataflow logs) it
 prints a plain ``progress:`` line every ``interval`` seconds. Stopping it
 prints a last line from the final counts.
+
+Status files need workers on this machine: DirectRunner's, and a portable
+runner's whose job service and workers are on this machine (EXTERNAL worker
+pool, LOOPBACK or PROCESS environments). Other workers (Dataflow, a
+remote worker pool, Docker containers) cannot write to the launcher's disk,
+and Beam's portable job service reports metrics only once the job is done
+(measured: ``GetJobMetrics`` answers nothing while the job runs), so there the
+launcher says so in one line and prints the final line from the job's Beam
+counters (:data:`pipeline.progress.METRICS_NAMESPACE`) when the job ends.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import ipaddress
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import threading
 import time
 
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import (
+    PipelineOptions,
+    PortableOptions,
+    StandardOptions,
+)
 
 from pipeline import progress
+from pipeline.local_runner import is_direct
 
 _HEAD_BYTES = 1 << 20
 
@@ -162,32 +179,137 @@ class ProgressReporter:
         return snap
 
 
-class RunProgress:
-    """A progress directory for one run, exported to this process's workers."""
+def _on_this_machine(address: str | None) -> bool:
+    """Whether ``host:port`` names this machine: a loopback name or address, or an
+    address this machine can bind (one of its own interfaces)."""
+    host = (address or "").strip()
+    if host.startswith("["):  # [::1]:8099
+        host = host[1:host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    if not host:
+        return False
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False
+    for family, _, _, _, sockaddr in found:
+        try:
+            if ipaddress.ip_address(sockaddr[0]).is_loopback:
+                return True
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.bind((sockaddr[0], 0))
+            return True
+        except (OSError, ValueError):
+            continue
+    return False
 
-    def __init__(self, enabled: bool, total: int | None, exact_total: bool, interval: float):
+
+def workers_share_this_machine(options: PipelineOptions) -> bool:
+    """Whether the job's workers run on this machine and can write its status files.
+
+    DirectRunner: yes. PortableRunner: LOOPBACK workers (in this process), an
+    EXTERNAL worker pool on this machine, or PROCESS workers of a job service on
+    this machine. Anything else (Dataflow, Docker environments whose containers
+    do not see this disk, pools on other hosts) is remote.
+    """
+    if is_direct(options):
+        return True
+    if options.view_as(StandardOptions).runner not in ("PortableRunner", "FlinkRunner",
+                                                       "SparkRunner"):
+        return False
+    portable = options.view_as(PortableOptions)
+    kind = (portable.environment_type or "DOCKER").upper()
+    if kind == "LOOPBACK":  # the workers run in this process
+        return True
+    if kind == "EXTERNAL":  # wherever the worker pool is
+        return _on_this_machine(portable.environment_config)
+    if kind == "PROCESS":  # started by the job service, on its machine
+        return portable.job_endpoint == "embed" or _on_this_machine(portable.job_endpoint)
+    return False  # DOCKER: containers do not see this machine's disk
+
+
+def job_counts(result) -> dict[str, int] | None:
+    """The progress counters of a finished job from its Beam metrics (None if unavailable)."""
+    try:
+        from apache_beam.metrics.metric import MetricsFilter
+
+        found = result.metrics().query(
+            MetricsFilter().with_namespace(progress.METRICS_NAMESPACE))["counters"]
+    except Exception:  # noqa: BLE001 - a runner without metrics: no final line
+        return None
+    counts: dict[str, int] = {}
+    for counter in found:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        if value is not None:
+            counts[counter.key.metric.name] = counts.get(counter.key.metric.name, 0) + int(value)
+    return counts
+
+
+class RunProgress:
+    """Progress for one run: a status directory shared with local workers, or for remote
+    workers one line saying live counts are not available and a final line from metrics."""
+
+    def __init__(self, enabled: bool, total: int | None, exact_total: bool, interval: float,
+                 local: bool = True, runner: str = "DirectRunner", stream=None):
         self.enabled = enabled
-        self.directory = tempfile.mkdtemp(prefix="similarity-progress-")
+        self.local = local
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.started = time.monotonic()
+        self.phases: dict[str, float] = {}
+        self.result = None
+        self.directory = None
+        self.reporter = None
         self._previous_env = os.environ.get(progress.ENV_DIR)
-        os.environ[progress.ENV_DIR] = self.directory
-        self.reporter = (ProgressReporter(self.directory, total, interval,
-                                          exact_total=exact_total).start()
-                         if enabled else None)
+        if local:
+            self.directory = tempfile.mkdtemp(prefix="similarity-progress-")
+            os.environ[progress.ENV_DIR] = self.directory
+            if enabled:
+                self.reporter = ProgressReporter(self.directory, total, interval,
+                                                 stream=self.stream,
+                                                 exact_total=exact_total).start()
+        else:
+            os.environ.pop(progress.ENV_DIR, None)  # nothing for the graph to carry
+            if enabled:
+                print(f"progress: live counts are not available: {runner} workers cannot "
+                      f"write to this machine; the counts follow when the job ends",
+                      file=self.stream, flush=True)
+
+    def watch(self, result) -> None:
+        """The job was submitted: its result gives the final counts on remote runners."""
+        self.result = result
+        self.phases.setdefault("job", time.monotonic() - self.started)
 
     def set_phase(self, phase: str) -> None:
         """Show ``phase`` from now on."""
         if self.reporter is not None:
             self.reporter.set_phase(phase)
+        else:
+            self.phases.setdefault(phase, time.monotonic() - self.started)
+
+    def _final_remote_line(self) -> None:
+        counts = job_counts(self.result) if self.result is not None else None
+        if counts is None:
+            return
+        snap = progress.snapshot(counts, time.monotonic() - self.started, self.total,
+                                 "publishing")
+        print(f"progress: {progress.format_line(snap)}", file=self.stream, flush=True)
 
     def close(self, final: bool = True) -> dict:
         """Stop the display, forget the directory; returns the launcher-seen phase start times."""
-        phases = {}
+        phases = dict(self.phases)
         if self.reporter is not None:
             self.reporter.stop(final=final)
             phases = dict(self.reporter.phase_started)
+        elif self.enabled and final and not self.local:
+            self._final_remote_line()
         if self._previous_env is None:
             os.environ.pop(progress.ENV_DIR, None)
         else:
             os.environ[progress.ENV_DIR] = self._previous_env
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
         return phases

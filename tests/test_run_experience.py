@@ -40,7 +40,8 @@ def _cli(module, *args, env=None):
                           capture_output=True, text=True, timeout=600)
 
 
-def _last_progress(stderr: str) -> dict:
+def last_progress(stderr: str) -> dict:
+    """The fields of the last ``progress:`` line (fails when there is none)."""
     lines = [PROGRESS.match(line) for line in stderr.splitlines()]
     lines = [m for m in lines if m]
     assert lines, f"no progress line in {stderr!r}"
@@ -64,7 +65,7 @@ def test_default_stderr_holds_only_progress_and_it_ends_on_the_final_counts(
     assert proc.returncode == 0, proc.stderr
     noise = [line for line in proc.stderr.splitlines() if not line.startswith("progress: ")]
     assert noise == []
-    last = _last_progress(proc.stderr)
+    last = last_progress(proc.stderr)
     counts = _manifest(root)["counts"]
     assert int(last["read"]) == counts["input"]
     assert int(last["embedded"]) == counts["newly_embedded"]
@@ -95,8 +96,8 @@ def test_first_model_conversion_is_quiet_and_verbose_brings_the_logs_back(sample
 def test_unknown_options_exit_two_with_a_suggestion(capsys):
     assert main(["--input=x.csv", "--output=/tmp/o", "--top-k=10"]) == 2
     assert capsys.readouterr().err == "error: unknown option --top-k; did you mean --top_k?\n"
-    assert main(["--input=x.csv", "--output=/tmp/o", "--quality=best"]) == 2
-    assert capsys.readouterr().err.startswith("error: unknown option --quality")
+    assert main(["--input=x.csv", "--output=/tmp/o", "--colour_space=lab"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown option --colour_space")
     assert main(["--input=x.csv", "--output=/tmp/o", "--fetch_timout=3"]) == 2
     assert "did you mean --fetch_timeout?" in capsys.readouterr().err
     assert main(["--input=x.csv", "--output=/tmp/o", "stray"]) == 2
@@ -116,9 +117,20 @@ def test_help_is_grouped_by_concern(capsys):
     text = capsys.readouterr().out
     titles = [line[:-1] for line in text.splitlines() if line.endswith(":")
               and not line.startswith(" ")]
-    assert titles[:6] == ["input", "model", "search", "output and nightly", "fetching",
-                          "run experience"]
+    assert titles == ["input", "model", "search", "output and nightly", "fetching",
+                      "logging and progress", "Beam"]
     assert "--top_k=VALUE" in text and "[default: 20]" in text and "Beam:" in text
+    search = text.split("\nsearch:\n")[1].split("\noutput and nightly:\n")[0]
+    assert "--nprobe=VALUE" in search and "--recall_target=VALUE" in search
+
+
+def test_every_option_is_in_its_concern_group():
+    from pipeline.cli import HELP_GROUPS, ungrouped_options
+
+    # A new option must be added to its --help section in pipeline/cli.py HELP_GROUPS.
+    assert ungrouped_options() == ()
+    placed = [name for _, names in HELP_GROUPS for name in names]
+    assert len(placed) == len(set(placed))  # each in exactly one group
 
 
 def test_quiet_filter_keeps_ours_and_third_party_errors():
@@ -173,3 +185,22 @@ def test_catalogue_size_known_at_start(tmp_path):
     path = tmp_path / "c.csv"
     path.write_text("product_id,image,description\n" + rows)
     assert expected_rows("csv", str(path)) == (50, True)
+
+
+def test_live_progress_only_where_the_workers_share_this_machine():
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.run_progress import workers_share_this_machine
+
+    def shares(*args):
+        return workers_share_this_machine(PipelineOptions(list(args)))
+
+    portable = ("--runner=PortableRunner", "--job_endpoint=localhost:8099")
+    assert shares() and shares("--direct_running_mode=multi_processing")
+    assert shares(*portable, "--environment_type=EXTERNAL", "--environment_config=127.0.0.1:5")
+    assert shares(*portable, "--environment_type=LOOPBACK")
+    assert shares(*portable, "--environment_type=PROCESS", "--environment_config={}")
+    assert not shares(*portable)  # DOCKER: containers do not see this disk
+    assert not shares(*portable, "--environment_type=EXTERNAL",
+                      "--environment_config=203.0.113.7:5")  # TEST-NET-3: another host
+    assert not shares("--runner=DataflowRunner")

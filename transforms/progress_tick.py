@@ -5,8 +5,13 @@ from __future__ import annotations
 from typing import Callable
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
 
 from pipeline import progress
+
+# Beam counters of the same counts, for runners whose workers cannot reach the
+# launcher's status directory (read from the job's metrics when it ends).
+PROGRESS_NAMESPACE = progress.METRICS_NAMESPACE
 
 
 class CountProgressFn(beam.DoFn):
@@ -15,16 +20,30 @@ class CountProgressFn(beam.DoFn):
     Used as a side branch of a PCollection, so the data path itself is unchanged.
 
     Counts live in the worker process and reach the launcher through
-    :mod:`pipeline.progress` status files, flushed at the end of every bundle so
-    the last bundle's rows are never missing from the final progress line.
+    :mod:`pipeline.progress` status files in ``directory`` (the run's, fixed
+    when the graph is built), flushed at the end of every bundle so the last
+    bundle's rows are never missing from the final progress line. The same
+    counts go to Beam counters in :data:`PROGRESS_NAMESPACE`, which every
+    runner reports in the job's metrics.
     """
 
-    def __init__(self, name: str | None = None, name_of: Callable | None = None):
+    def __init__(self, name: str | None = None, name_of: Callable | None = None,
+                 directory: str | None = None):
         self._name = name
         self._name_of = name_of
+        self._directory = directory
+        self._counters: dict = {}
+
+    def setup(self):
+        self._counters = {}
 
     def process(self, element):
-        progress.count(self._name if self._name_of is None else self._name_of(element))
+        name = self._name if self._name_of is None else self._name_of(element)
+        progress.count(name, directory=self._directory)
+        counter = self._counters.get(name)
+        if counter is None:
+            counter = self._counters[name] = Metrics.counter(PROGRESS_NAMESPACE, name)
+        counter.inc()
 
     def finish_bundle(self):
         progress.flush()
@@ -37,9 +56,10 @@ def failed_counter(error: dict) -> str:
 
 def count_as(name: str) -> beam.ParDo:
     """A side-branch step counting every element as ``name`` (label it at the call)."""
-    return beam.ParDo(CountProgressFn(name))
+    return beam.ParDo(CountProgressFn(name, directory=progress.shared_directory()))
 
 
 def count_failures() -> beam.ParDo:
     """A side-branch step counting error records by stage."""
-    return beam.ParDo(CountProgressFn(name_of=failed_counter))
+    return beam.ParDo(CountProgressFn(name_of=failed_counter,
+                                      directory=progress.shared_directory()))
