@@ -36,8 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.cpu_steal import StealMeter  # noqa: E402
-from tests.beam_services import (BeamPortableServices, GcsEmulator, TokenServer,  # noqa: E402
-                                 repo_env)
+from tests.beam_services import BeamPortableServices, GcsEmulator, TokenServer, repo_env  # noqa: E402
 
 DEFAULT_PRODUCTS = REPO.parent / "shared" / "data" / "products"
 BUCKET = "vs-bench"
