@@ -22,6 +22,7 @@ HELP_GROUPS = (
                "model_lanes", "max_image_pixels")),
     ("search", ("top_k", "search", "n_trees", "search_k", "seed", "pca_dim", "partition_by",
                 "exclude_same", "min_similarity", "duplicate_threshold")),
+    ("quality", ("quality", "whiten_dim", "whiten_power", "whiten_shrinkage", "dba_k", "dba_alpha")),
     ("output and nightly", ("output", "run_id", "full_rebuild", "keep_runs", "features_only",
                             "eval_label_column")),
     ("fetching", ("fetch_concurrency", "fetch_timeout", "fetch_total_timeout",
