@@ -25,6 +25,8 @@ HELP_GROUPS = (
     ("search", ("top_k", "search", "nlist", "nprobe", "recall_target", "n_trees", "search_k",
                 "seed", "pca_dim", "partition_by", "exclude_same", "min_similarity",
                 "duplicate_threshold")),
+    ("quality", ("quality", "whiten_dim", "whiten_power", "whiten_shrinkage", "dba_k",
+                 "dba_alpha")),
     ("output and nightly", ("output", "run_id", "full_rebuild", "keep_runs", "features_only",
                             "eval_label_column", "max_failed_share", "max_product_loss",
                             "force_publish")),

@@ -24,9 +24,10 @@ import json
 import sys
 
 import numpy as np
+from apache_beam.io.filesystems import FileSystems
 
 from pipeline import files, publish, run_reader, similarity_search
-from pipeline.run_layout import EVALUATION_FILE
+from pipeline.run_layout import EVALUATION_FILE, IDS_FILE, INDEX_DIR, SPACE_FILE, VECTORS_FILE
 from transforms.read_catalog import ReadManifestRowsFn, inspect_catalog
 
 
@@ -60,6 +61,29 @@ def _precision(ids: list[str], neighbor_ids: list[list[str]], labels: dict, k: i
     return round(hits / total, 4) if total else None
 
 
+def _search_space(run_dir: str, matrix):
+    """The run's search-space vectors (index/vectors.npy) when a quality recipe made them
+    differ from the backbone vectors in features/: exact search and recall are then judged
+    in the space the lists were made in. Unpartitioned runs only; otherwise ``matrix``."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    index = files.join(run_dir, INDEX_DIR)
+    if not FileSystems.exists(files.join(index, SPACE_FILE)) or not FileSystems.exists(
+            files.join(index, VECTORS_FILE)):
+        return matrix
+    with FileSystems.open(files.join(index, IDS_FILE)) as handle:
+        ids = pq.read_table(handle).column("product_id").to_pylist()
+    with FileSystems.open(files.join(index, VECTORS_FILE)) as handle:
+        import io
+
+        vectors = np.load(io.BytesIO(handle.read()), allow_pickle=False)
+    if ids != list(matrix.product_ids):
+        return matrix
+    return dataclasses.replace(matrix, vectors=vectors)
+
+
 def _quantiles(values) -> dict:
     if not len(values):
         return {}
@@ -72,7 +96,7 @@ def evaluate_run(run_dir: str, labels: dict | None = None, k: int = 10,
                  sample: int = 2000, seed: int = 0) -> dict:
     """Evaluation figures of one run (see the module docstring)."""
     run_dir = publish.resolve_run(run_dir)
-    matrix = run_reader.read_features(run_dir)
+    matrix = _search_space(run_dir, run_reader.read_features(run_dir))
     published = run_reader.read_neighbor_lists(run_dir)
     manifest = run_reader.read_manifest(run_dir) or {}
     top_k = manifest.get("top_k") or max((len(v) for v in published.values()), default=k)
@@ -107,6 +131,7 @@ def evaluate_run(run_dir: str, labels: dict | None = None, k: int = 10,
         },
         "failed_by_reason": manifest.get("counts", {}).get("failed_by_reason", {}),
         "embed_wall_seconds": manifest.get("timings", {}).get("wall_seconds"),
+        "quality": (manifest.get("quality") or {}).get("profile", "fast"),
     }
     if labels:
         result["labelled"] = sum(1 for pid in ids if pid in labels)
@@ -115,15 +140,24 @@ def evaluate_run(run_dir: str, labels: dict | None = None, k: int = 10,
     return result
 
 
-def comparison_table(results: list[dict], k: int) -> str:
-    """One row per run: the numbers that decide which embedding to use."""
-    header = ["run", "model", "dim", f"precision@{k}", "recall", "wall s"]
+def comparison_table(results: list[dict], k: int, label_columns: tuple = ()) -> str:
+    """One row per run: the numbers that decide which embedding or profile to use.
+
+    Precision@k of the published lists for each label column, the search dimension,
+    recall, and the wall time with its ratio to the first run's (cost)."""
+    header = ["run", "quality", "model", "dim"]
+    header += [f"P@{k} {c}" for c in label_columns] or [f"precision@{k}"]
+    header += ["recall", "wall s", "cost"]
     rows = [header]
+    base = results[0].get("embed_wall_seconds") if results else None
     for r in results:
         recall = next((v for key, v in r.items() if key.startswith("recall@")), None)
-        rows.append([r["run"], str(r["model"]), str(r["dim"]),
-                     str(r.get(f"precision@{k}_published", "-")), str(recall),
-                     str(r.get("embed_wall_seconds"))])
+        wall = r.get("embed_wall_seconds")
+        precision = ([str(r.get("by_label", {}).get(c, "-")) for c in label_columns]
+                     or [str(r.get(f"precision@{k}_published", "-"))])
+        rows.append([r["run"], str(r.get("quality", "fast")), str(r["model"]), str(r["dim"]),
+                     *precision, str(recall), str(wall),
+                     f"{wall / base:.2f}x" if wall and base else "-"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
 
@@ -134,7 +168,9 @@ def main(argv=None) -> int:
     parser.add_argument("--run", help="run output directory")
     parser.add_argument("--compare", nargs="+", help="several run directories")
     parser.add_argument("--labels", help="labelled manifest (e.g. catalog.csv)")
-    parser.add_argument("--label_column", default="articleType")
+    parser.add_argument("--label_column", default="articleType",
+                        help="label column; with --compare a comma-separated list "
+                        "(e.g. articleType,subCategory) gives one precision column each")
     parser.add_argument("--id_column", default="product_id")
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--embedding_column", default=None,
@@ -144,15 +180,23 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.run and not args.compare:
         parser.error("give --run or --compare")
+    if args.compare:
+        columns = tuple(c for c in args.label_column.split(",") if c) if args.labels else ()
+        by_column = {c: read_labels(args.labels, c, args.id_column, args.image_column,
+                                    args.embedding_column) for c in columns}
+        runs = [run for pattern in args.compare for run in (sorted(globlib.glob(pattern))
+                                                            or [pattern])]
+        results = []
+        for run in runs:
+            result = evaluate_run(run, None, args.k, args.sample)
+            result["by_label"] = {c: evaluate_run(run, labels, args.k, args.sample)[
+                f"precision@{args.k}_published"] for c, labels in by_column.items()}
+            results.append(result)
+        print(comparison_table(results, args.k, columns))
+        return 0
     labels = (read_labels(args.labels, args.label_column, args.id_column, args.image_column,
                           args.embedding_column)
               if args.labels else None)
-    if args.compare:
-        results = [evaluate_run(run, labels, args.k, args.sample)
-                   for pattern in args.compare for run in (sorted(globlib.glob(pattern))
-                                                           or [pattern])]
-        print(comparison_table(results, args.k))
-        return 0
     result = evaluate_run(args.run, labels, args.k, args.sample)
     if labels:
         result["label_column"] = args.label_column

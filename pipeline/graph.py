@@ -14,6 +14,7 @@ import apache_beam as beam
 
 from pipeline import files, progress
 from pipeline.models.registry import ResolvedModel
+from pipeline.quality import PROFILES, Recipe
 from transforms import count_rows
 from transforms.build_index import BuildIndex
 from transforms.decode import DecodeImageFn
@@ -64,6 +65,7 @@ class RunConfig:
     nlist: int = 0  # IVF lists (0: from the catalogue size)
     nprobe: int = 0  # IVF lists probed per product (0: chosen for recall_target)
     recall_target: float = 0.99  # recall@k the IVF settings aim at; runs below it warn
+    quality: Recipe = PROFILES["fast"]  # per-catalogue post-processing of the search space
 
 
 def build_graph(p: beam.Pipeline, config: RunConfig):
@@ -149,7 +151,7 @@ def _build(p, config, rows, valid, unique, has_previous, new_features, reused, s
         built = feature_files | "BuildIndex" >> BuildIndex(
             config.output, config.model.model_id, config.top_k, config.search,
             config.n_trees, config.search_k, config.seed, config.partition_by,
-            config.exclude_same, config.pca_dim)
+            config.exclude_same, config.pca_dim, config.quality)
         index = built["built"]
         # Only an Annoy search waits for the forest; exact and IVF queries start from the
         # planned settings, so the Annoy build is off their critical path.

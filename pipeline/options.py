@@ -164,5 +164,25 @@ class SimilarityOptions(PipelineOptions):
         parser.add_argument("--max_failed_share", type=float, default=0.5,
                             help="Publish guard: do not move LATEST when more than this share "
                             "of the input rows failed.")
+        # --- quality profiles (pipeline/quality.py, issue 20) ---
+        parser.add_argument("--quality", choices=("fast", "balanced", "best"), default="fast",
+                            help="Neighbour quality recipe: fast (backbone vectors as they "
+                            "are), balanced (PCA-256 fitted on the catalogue + database-side "
+                            "augmentation over 10 neighbours, no extra embedding cost), best "
+                            "(PCA-512 + the same augmentation). See the README's quality table.")
+        parser.add_argument("--whiten_dim", type=int, default=None,
+                            help="Override the profile: PCA axes of the search space (0 = off).")
+        parser.add_argument("--whiten_power", type=float, default=None,
+                            help="Override the profile: each PCA axis scaled by eigenvalue ** "
+                            "-power (0 = plain PCA, 0.5 = full whitening).")
+        parser.add_argument("--whiten_shrinkage", type=float, default=None,
+                            help="Override the profile: added to the eigenvalues before "
+                            "whitening, as a multiple of their mean.")
+        parser.add_argument("--dba_k", type=int, default=None,
+                            help="Override the profile: neighbours averaged into each vector "
+                            "(database-side augmentation; 0 = off).")
+        parser.add_argument("--dba_alpha", type=float, default=None,
+                            help="Override the profile: DBA neighbour weight = similarity ** "
+                            "alpha.")
         parser.add_argument("--force_publish", action="store_true", default=False,
                             help="Move LATEST even when the publish guard refuses the run.")

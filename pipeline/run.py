@@ -34,6 +34,7 @@ from pipeline.graph import RunConfig, build_graph
 from pipeline.models import engines
 from pipeline.models.registry import ModelLoadError, resolve_model
 from pipeline.options import SimilarityOptions
+from pipeline.quality import KNOBS, Recipe, recipe_for
 from pipeline.run_layout import (DUPLICATES_DIR, ERRORS_DIR, FEATURES_DIR, INDEX_DIR,
                                  MANIFEST_FILE, PAIRS_PREFIX)
 from pipeline.http_fetch import FetchConfig
@@ -110,6 +111,9 @@ def _validate(opts: SimilarityOptions) -> None:
         raise UsageError("--eval_label_column needs a manifest with labels, not an image glob")
     if opts.pca_dim < 0:
         raise UsageError(f"--pca_dim must be 0 (off) or positive, got {opts.pca_dim}")
+    if opts.pca_dim and quality_recipe(opts).postprocessed:
+        raise UsageError("--pca_dim is the old PCA-only search space; with --quality="
+                         f"{opts.quality} use --whiten_dim instead (or --quality=fast)")
     if opts.keep_runs < 1:
         raise UsageError(f"--keep_runs must be at least 1, got {opts.keep_runs}")
     if opts.run_id is not None and (not opts.run_id or "/" in opts.run_id
@@ -124,6 +128,14 @@ def _validate(opts: SimilarityOptions) -> None:
         raise UsageError(f"--embedding_dim must be positive, got {opts.embedding_dim}")
     if opts.fetch_concurrency < 1:
         raise UsageError(f"--fetch_concurrency must be at least 1, got {opts.fetch_concurrency}")
+
+
+def quality_recipe(opts: SimilarityOptions) -> Recipe:
+    """The run's quality recipe: the --quality profile with the knobs given applied."""
+    try:
+        return recipe_for(opts.quality, **{k: getattr(opts, k) for k in KNOBS})
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def previous_run_for(root: str, model_id: str, full_rebuild: bool) -> tuple[str | None, str]:
@@ -234,6 +246,8 @@ def make_config(options: PipelineOptions) -> RunConfig:
         "min_similarity": opts.min_similarity,
         "duplicate_threshold": opts.duplicate_threshold,
         "pca_dim": opts.pca_dim or None,
+        "quality": dict(quality_recipe(opts).to_dict(),
+                        similarity=quality_recipe(opts).similarity_definition()),
         "recall_target": opts.recall_target,
         "runner": options.view_as(StandardOptions).runner or "DirectRunner",
         "workers": workers,
@@ -250,7 +264,7 @@ def make_config(options: PipelineOptions) -> RunConfig:
                      min_similarity=opts.min_similarity,
                      duplicate_threshold=opts.duplicate_threshold, pca_dim=opts.pca_dim,
                      model_lanes=lanes, nlist=opts.nlist, nprobe=opts.nprobe,
-                     recall_target=opts.recall_target)
+                     recall_target=opts.recall_target, quality=quality_recipe(opts))
 
 
 def _phase_line(phases: dict) -> str | None:

@@ -50,6 +50,10 @@ META_FILE = "meta.json"
 PARTITIONS_FILE = "partitions.json"
 PCA_MEAN_FILE = "pca_mean.npy"
 PCA_COMPONENTS_FILE = "pca_components.npy"
+# The quality recipe's search space (transforms/search_space.py).
+SPACE_FILE = "space.json"
+WHITENING_MEAN_FILE = "whitening_mean.npy"
+WHITENING_PROJECTION_FILE = "whitening_projection.npy"
 CENTROIDS_FILE = "ivf_centroids.npy"
 
 # The output directory of a query-by-catalogue job (python -m pipeline.query --input=…).

@@ -48,7 +48,10 @@ from pipeline.run_layout import (
     PARTITIONS_FILE,
     PCA_COMPONENTS_FILE,
     PCA_MEAN_FILE,
+    SPACE_FILE,
     VECTORS_FILE,
+    WHITENING_MEAN_FILE,
+    WHITENING_PROJECTION_FILE,
 )
 
 DEFAULT_K = 20
@@ -87,6 +90,7 @@ class IndexInfo:
     search: str  # the method used ("exact", "annoy", …; "mixed" across partitions)
     partitions: tuple  # partition values, () when the run is not partitioned
     pca_dim: int | None
+    quality: str = "fast"  # the run's --quality profile (manifest.json "quality")
 
 
 def resolve_run_dir(path: str) -> str:
@@ -245,7 +249,9 @@ class SimilarityIndex:
             count=sum(p.count for p in partitions),
             search=searches[0] if len(searches) == 1 else "mixed",
             partitions=tuple(p.value for p in partitions if p.value is not None),
-            pca_dim=manifest.get("pca_dim"))
+            pca_dim=manifest.get("pca_dim"),
+            quality=(manifest.get("quality") or {}).get("profile", "fast"))
+        self._space = None  # (space.json, whitening mean, projection) when post-processed
 
     # --- opening ------------------------------------------------------------
 
@@ -298,6 +304,16 @@ class SimilarityIndex:
                    np.load(os.path.join(index_root, PCA_COMPONENTS_FILE), allow_pickle=False))
         index = cls(run_dir, manifest, parts, pca, None, threads, lanes, fetch_config,
                     max_image_pixels)
+        space_path = os.path.join(index_root, SPACE_FILE)
+        if os.path.isfile(space_path):
+            space = _read_json(space_path)
+            whitening = None
+            if space.get("whitening"):
+                whitening = (
+                    np.load(os.path.join(index_root, WHITENING_MEAN_FILE), allow_pickle=False),
+                    np.load(os.path.join(index_root, WHITENING_PROJECTION_FILE),
+                            allow_pickle=False))
+            index._space = (space, whitening)
         index._requested_model = model
         index._cache_dir = cache_dir
         if load_model_now:
@@ -351,6 +367,8 @@ class SimilarityIndex:
                 raise ValueError(f"partition {partition!r} is not in this run (it has "
                                  f"{sorted(self._by_value)[:20]})")
             parts = [self._by_value[key]]
+        if self._space is not None:
+            queries = self._to_search_space(queries)
         merged = [[] for _ in range(len(queries))]
         for part in parts:
             if not part.count:
@@ -369,6 +387,29 @@ class SimilarityIndex:
                 out.append({"product_id": product_id, "similarity": similarity})
             results.append(out)
         return results
+
+    def _to_search_space(self, queries: np.ndarray) -> np.ndarray:
+        """New vectors through the run's recipe: its stored whitening, then the query-side
+        counterpart of its DBA (each query averaged with its ``dba_k`` nearest search
+        vectors, weights similarity ** alpha), so they are compared like the catalogue's."""
+        from pipeline import postprocess
+
+        space, whitening = self._space
+        if whitening is not None:
+            queries = postprocess.apply_whitening(queries, postprocess.Whitening(*whitening))
+        recipe = space.get("recipe") or {}
+        k, alpha = int(recipe.get("dba_k") or 0), float(recipe.get("dba_alpha") or 0.0)
+        if not k:
+            return queries
+        found = [p.search_top_k(queries, k) + (n, p)
+                 for n, p in enumerate(self._partitions) if p.count]
+        expanded = queries.astype(np.float64).copy()
+        for i in range(len(queries)):
+            pairs = sorted(((float(s), n, j, p) for idx, sims, n, p in found
+                            for j, s in zip(idx[i], sims[i])), key=lambda t: (-t[0], t[1], t[2]))
+            for similarity, _, j, part in pairs[:k]:
+                expanded[i] += max(similarity, 0.0) ** alpha * part.vectors[j].astype(np.float64)
+        return postprocess.unit_rows(expanded)
 
     def embed(self, images: list) -> np.ndarray:
         """Embeddings ``[B, dim]`` of images (paths, URLs, bytes, PIL images, uint8 arrays).

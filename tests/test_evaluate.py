@@ -58,3 +58,19 @@ def test_cli_writes_evaluation_json(tmp_path, capsys):
     written = json.loads((tmp_path / "evaluation.json").read_text())
     assert written["label_column"] == "kind" and written["products"] == 3
     assert json.loads(capsys.readouterr().out)["products"] == 3
+
+
+def test_compare_prints_precision_for_each_label_column(tmp_path, capsys):
+    vectors = np.eye(3, dtype=np.float32)
+    write_run(tmp_path, vectors, ["x", "y", "z"],
+              {"x": [("y", 0.0), ("z", 0.0)], "y": [("x", 0.0), ("z", 0.0)],
+               "z": [("x", 0.0), ("y", 0.0)]})
+    labels = tmp_path / "labels.csv"
+    labels.write_text("product_id,image,kind,group\nx,x.jpg,k1,g\ny,y.jpg,k1,g\n"
+                      "z,z.jpg,k2,g\n")
+    assert main([f"--compare={tmp_path}", f"--labels={labels}", "--label_column=kind,group",
+                 "--k=1"]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert "P@1 kind" in header and "P@1 group" in header and "cost" in header
+    # x→y and y→x share "kind", z→x does not: 2/3; every product shares "group": 1.0.
+    assert "0.6667" in row and "1.0" in row

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from pipeline import files, similarity_search
 from pipeline.features import MixedModelsError, read_feature_matrix
+from pipeline.quality import PROFILES, Recipe
 from pipeline.run_layout import (
     ANNOY_FILE,
     IDS_FILE,
@@ -38,6 +39,7 @@ from pipeline.run_layout import (
     PCA_MEAN_FILE,
     VECTORS_FILE,
 )
+from transforms.search_space import to_search_space
 
 # Rows sampled to fit the PCA: plenty for a 1280 x 1280 covariance, bounded memory.
 PCA_FIT_ROWS = 100_000
@@ -84,8 +86,10 @@ class SplitPartitionsFn(beam.DoFn):
     """All feature shard paths → per-partition vectors and id maps; yields one item each."""
 
     def __init__(self, output_dir: str, model_id: str, partition_column: str | None,
-                 exclude_column: str | None, pca_dim: int = 0):
+                 exclude_column: str | None, pca_dim: int = 0,
+                 quality: Recipe = PROFILES["fast"]):
         self._output_dir = output_dir
+        self._quality = quality
         self._model_id = model_id
         self._partition_column = partition_column
         self._exclude_column = exclude_column
@@ -113,6 +117,8 @@ class SplitPartitionsFn(beam.DoFn):
                 with files.staged_output(files.join(index_root, name)) as staged:
                     np.save(staged, array, allow_pickle=False)
             vectors = project(vectors, mean, components)
+        # The quality recipe's search space (whitening, DBA), fitted on this run's vectors.
+        vectors = to_search_space(vectors, self._quality, index_root)
         partitions = matrix.columns.get(self._partition_column, [None] * len(ids))
         excludes = matrix.columns.get(self._exclude_column, [None] * len(ids))
         groups: dict = {}
@@ -225,10 +231,10 @@ class BuildIndex(beam.PTransform):
     def __init__(self, output_dir: str, model_id: str, top_k: int, search: str = "auto",
                  n_trees: int = 0, search_k: int = 0, seed: int = 42,
                  partition_column: str | None = None, exclude_column: str | None = None,
-                 pca_dim: int = 0):
+                 pca_dim: int = 0, quality: Recipe = PROFILES["fast"]):
         super().__init__()
         self._split = SplitPartitionsFn(output_dir, model_id, partition_column, exclude_column,
-                                        pca_dim)
+                                        pca_dim, quality)
         self._build = BuildAnnoyFn(top_k, search, n_trees, search_k, seed)
         self._partitioned = partition_column is not None
 
