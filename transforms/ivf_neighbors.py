@@ -11,10 +11,12 @@ members and queries in memory):
    description.
 2. ``AssignFn`` — per output shard (a fixed row range): each row's
    ``nprobe`` nearest centroids. Emits, keyed by ``(index_dir, list)``, the
-   shard's members of that list and the shard's rows probing it.
-3. ``GroupByKey`` on the list, then ``SearchListFn``: exact cosine of the
-   list's members against every query probing it; emits each query piece's
-   top-k candidates keyed by its shard.
+   row numbers of the shard's members of that list and of its rows probing
+   it (row numbers only: vectors are read back from ``vectors.npy``).
+3. ``GroupByKey`` on the list, then ``SearchListFn``: reads the list's
+   members and queries from the memory-mapped ``vectors.npy``, exact cosine
+   of every query probing the list against its members in one tiled call,
+   and emits each query piece's top-k candidates keyed by its shard.
 4. ``GroupByKey`` on the shard, then ``MergeWriteFn``: merge the candidates
    of the shard's rows (ties by row), write the shard's ``neighbors/`` and
    flat-pair files exactly like the exact stage, and measure recall on the
@@ -24,10 +26,12 @@ members and queries in memory):
 Peak memory of one worker (bytes, f = 4): step 3 holds one list's members
 and queries, ``(1 + nprobe) * (N / nlist) * D * f`` for average lists (the
 largest list sets the peak), plus one similarity tile of at most
-``ivf.LIST_TILE_ENTRIES * f``; step 4 holds one shard's candidates,
-``rows_per_shard * nprobe * query_k * 12``; step 1 the sample,
-``40 * nlist * D * f``. Bytes shuffled: ``(1 + nprobe) * N * D * f`` into
-step 3 and ``N * nprobe * query_k * 12`` into step 4.
+``ivf.LIST_TILE_ENTRIES * f`` and its selection temporaries; step 4 holds one
+shard's candidates, ``rows_per_shard * nprobe * query_k * 12``; step 1 the
+sample, ``40 * nlist * D * f``. Bytes shuffled: ``(1 + nprobe) * N * 8``
+(row numbers) into step 3 and ``N * nprobe * query_k * 12`` into step 4;
+each worker reads ``vectors.npy`` (``N * D * f``, copied once to its local disk
+from an object store) by pages, never into memory as a whole.
 """
 
 from __future__ import annotations
@@ -134,33 +138,61 @@ class AssignFn(beam.DoFn):
         if end <= start:
             return
         vectors, centroids = self._load(work["index_dir"])
-        block = np.asarray(vectors[start:end])
-        probes = ivf.assign_lists(block, centroids, work["nprobe"])
+        probes = ivf.assign_lists(vectors[start:end], centroids, work["nprobe"])
         members, queries = ivf.invert(probes, len(centroids))
+        # Row numbers only: the list's worker reads the vectors from the memory-mapped
+        # index, so the shuffle carries 8 bytes per (row, list) instead of D floats.
+        piece = _piece_work(work)
         for lst in range(len(centroids)):
             m, q = members[lst], queries[lst]
             if len(m):
-                yield (work["index_dir"], lst), ("m", m + start, block[m])
+                yield (work["index_dir"], lst), ("m", (m + start).astype(np.int64), None)
             if len(q):
-                yield (work["index_dir"], lst), ("q", q + start, block[q], work)
+                yield (work["index_dir"], lst), ("q", (q + start).astype(np.int64), piece)
 
 
 class SearchListFn(beam.DoFn):
-    """One list's members and queries → each query piece's top-k candidates, keyed by shard."""
+    """One list's member and query rows → each query piece's top-k candidates, keyed by shard.
+
+    All queries probing the list are searched in one call (tiled inside
+    :func:`ivf.search_list`), whatever shard they come from, then split back
+    into the shards' pieces; vectors come from the memory-mapped index.
+    """
+
+    def __init__(self):
+        self._cache: dict = {}
+
+    def _vectors(self, index_dir):
+        if index_dir not in self._cache:
+            self._cache = {index_dir: similarity_search.load_vectors(
+                os.path.join(_local_dir(index_dir), VECTORS_FILE), mmap=True)}
+        return self._cache[index_dir]
 
     def process(self, element):
-        _, pieces = element
-        pieces = list(pieces)
-        members = [p for p in pieces if p[0] == "m"]
-        if not members:
+        (index_dir, _), pieces = element
+        members, queries = [], []
+        for kind, rows, work in pieces:
+            (members if kind == "m" else queries).append((rows, work))
+        if not members or not queries:
             return
-        rows = np.concatenate([p[1] for p in members])
-        vecs = np.concatenate([p[2] for p in members])
-        order = np.argsort(rows, kind="stable")  # arrival order must not matter
-        rows, vecs = rows[order], vecs[order]
-        for _, q_rows, q_vecs, work in (p for p in pieces if p[0] == "q"):
-            found, sims = ivf.search_list(rows, vecs, q_rows, q_vecs, work["query_k"])
-            yield work["shard"], (work, q_rows, found, sims)
+        rows = np.sort(np.concatenate([r for r, _ in members]))  # arrival order must not matter
+        queries.sort(key=lambda piece: piece[1]["shard"])
+        q_rows = np.concatenate([r for r, _ in queries])
+        vectors = self._vectors(index_dir)
+        found, sims = ivf.search_list(rows, vectors[rows], q_rows, vectors[q_rows],
+                                      queries[0][1]["query_k"])
+        at = 0
+        for piece_rows, work in queries:
+            end = at + len(piece_rows)
+            yield work["shard"], (work, piece_rows, found[at:end], sims[at:end])
+            at = end
+
+
+def _piece_work(work: dict) -> dict:
+    """The keys of a shard's work item that the list search and the merge need."""
+    keep = ("index_dir", "partition", "count", "dim", "search", "query_k", "nprobe", "nlist",
+            "start", "end", "shard", "n_shards", "files", "model")
+    return {key: work[key] for key in keep if key in work}
 
 
 class MergeWriteFn(beam.DoFn):
