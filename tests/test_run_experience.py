@@ -117,7 +117,7 @@ def test_help_is_grouped_by_concern(capsys):
     text = capsys.readouterr().out
     titles = [line[:-1] for line in text.splitlines() if line.endswith(":")
               and not line.startswith(" ")]
-    assert titles == ["input", "model", "search", "output and nightly", "fetching",
+    assert titles == ["input", "model", "search", "quality", "output and nightly", "fetching",
                       "logging and progress", "Beam"]
     assert "--top_k=VALUE" in text and "[default: 20]" in text and "Beam:" in text
     search = text.split("\nsearch:\n")[1].split("\noutput and nightly:\n")[0]
