@@ -33,11 +33,14 @@ import math
 
 import numpy as np
 
-# Lists per sqrt(N). The cost per query is nprobe * N / nlist (scanning the
-# probed lists) + nlist (ranking the centroids); for the nprobe of 8-16 that
-# recall@20 >= 0.99 needs on catalogue-like data the two balance near
-# nlist = 3-4 sqrt(N). Measured with bench/neighbors_scale.py (see README).
-NLIST_PER_SQRT_N = 4.0
+# Lists per sqrt(N). Cost per product ~ D * (nlist + nprobe * N / nlist); on
+# catalogue-structured vectors (bench/catalog_vectors.py: variants of a model,
+# product types, categories) a product's top-20 spreads over many small lists,
+# so the nprobe recall@20 >= 0.99 needs grows fast with nlist. Measured at
+# 100k x 256 in one run (steal 0-1 %), nprobe chosen for 0.99: 1 sqrt(N) ->
+# nlist 316, nprobe 16, 22.2 s, recall 0.998; 2 sqrt(N) -> 632, 24, 24.6 s,
+# 0.995; 4 sqrt(N) -> 1265, 48, 40.9 s, 0.998. Hence 1 sqrt(N).
+NLIST_PER_SQRT_N = 1.0
 # Training points per centroid: faiss warns below 39; 40 keeps the sample
 # (and the k-means cost) small while every centroid still has enough points.
 TRAIN_POINTS_PER_LIST = 40
@@ -58,7 +61,7 @@ LIST_TILE_ENTRIES = 16 * 2**20
 
 
 def default_nlist(n: int) -> int:
-    """Number of inverted lists for ``n`` vectors: ``round(4 * sqrt(n))``, 1 below ``MIN_IVF_N``.
+    """Number of inverted lists for ``n`` vectors: ``round(NLIST_PER_SQRT_N * sqrt(n))``, 1 below ``MIN_IVF_N``.
 
     Never more than ``n // TRAIN_POINTS_PER_LIST`` so each centroid is
     trained on enough points.
