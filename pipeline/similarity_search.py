@@ -16,8 +16,8 @@ row index ascending, so the output is deterministic and the two strategies
 agree exactly whenever the candidate set contains the true top-k.
 
 This module is pure numpy/annoy (no Beam) so that it can be tested and
-benchmarked on its own; the thresholds below were measured with
-``bench/neighbors_scale.py`` on a 2-core x86-64 machine (see each docstring).
+benchmarked on its own; the thresholds below come from
+``bench/neighbors_scale.py`` (the figures are in ``bench/MEASUREMENTS.md``).
 Stored artefacts use Annoy's own file format and ``.npy`` without pickle.
 """
 
@@ -363,9 +363,9 @@ def annoy_top_k(
 def exact_max_n_for(dim: int) -> int:
     """The auto threshold for dimension ``dim`` (see :func:`choose_search`'s measurements).
 
-    Exact search cost scales with D, Annoy's barely does: at D <= 256 exact
-    search was faster at every N measured (up to 1M), at D = 1280 up to ~55k;
-    in between, the crossover is taken to scale as 1/D from the D=1280 one.
+    Exact search cost scales with D, Annoy's barely does, so the crossover
+    is taken to scale as 1/D from the D=1280 one; at D <= 256 exact search
+    beat Annoy at every N benchmarked (``bench/MEASUREMENTS.md``).
     """
     if dim <= 256:
         return 1_000_000
@@ -376,31 +376,12 @@ def choose_search(n: int, requested: str = "auto", exact_max_n: int = EXACT_MAX_
     """Pick the search strategy (``'exact'``, ``'ivf'`` or ``'annoy'``) for ``n`` products.
 
     ``'auto'`` is exact search up to ``min(exact_max_n, IVF_MIN_N)`` products
-    and the inverted file above (measured faster than both exact and Annoy
-    from ~20k up, see ``IVF_MIN_N``); Annoy stays available when requested.
-    The history of the exact/Annoy crossover, kept for ``--search=annoy``:
-
+    and the inverted file above (faster than both exact and Annoy from ~20k
+    up, see ``IVF_MIN_N``); Annoy stays available when requested.
     ``requested`` other than ``'auto'`` is returned as is (after
-    validation). ``'auto'`` picks exact search up to ``exact_max_n``
-    products: below that it is both perfect and faster end to end than
-    building a forest and querying it. Measured with
-    ``python bench/neighbors_scale.py`` (2 cores; exact on 2 BLAS threads,
-    Annoy queries on 2 threads; all-products time extrapolated from 2,000
-    sampled queries; Annoy = build + queries with the default parameters,
-    recall@20 0.9915-0.9999; N = 1M run separately with ``--sizes 1000000``)::
-
-        total seconds   D=1280 exact  annoy   D=256 exact  annoy
-        N =  20k               5.6     10.9            1.6      5.7
-        N =  50k              32.2     33.1            7.9     17.7
-        N = 100k             112.6     84.4           35.8     63.9
-        N = 500k            2717      1544           787     1315
-        N =   1M           10509      5985          3453     4502
-
-    Exact time grows as N^1.92-1.95, Annoy's as N^1.55-1.72 (more trees and
-    search_k with N). At D=1280 they cross at N ~ 53k-59k (two runs), hence
-    55,000. At D=256 exact was faster at every N measured, up to 1M: Annoy
-    needs more search effort at low D while exact gets 5x cheaper, so for
-    small D a caller may pass a larger ``exact_max_n``.
+    validation). The exact/Annoy crossover behind ``exact_max_n`` (kept for
+    callers that compare exact search with Annoy) and the measurements
+    behind both thresholds are in ``bench/MEASUREMENTS.md``.
     """
     if requested not in SEARCH_MODES:
         raise ValueError(f"search mode must be one of {SEARCH_MODES}, got {requested!r}")
@@ -417,28 +398,8 @@ def default_n_trees(n: int, dim: int) -> int:
     a fixed budget falls as N grows, and falls faster at lower D (leaves hold
     ~D items and the synthetic clusters overlap more), hence both factors.
     Chosen with ``default_search_k`` so that recall@20 >= 0.99 against exact
-    search on the clustered synthetic data of ``bench/neighbors_scale.py``
-    (recall measured on 1,000 random query rows)::
-
-        N      D     trees  search_k  recall@20
-        100k   1280  10     5000      0.9990   (10 trees, 2000: 0.9705)
-        100k   1280  10     5040      0.9993 *
-        500k   1280  10     10000     0.9898   <- too few trees
-        500k   1280  27     13608     0.9991 * (27 trees, 10000: 0.9972)
-        1M     1280  20     30000     0.9880   <- too few trees
-        1M     1280  40     20160     0.9966 * (40 trees, 15000: 0.9891)
-        100k   256   20     10000     0.9954
-        100k   256   23     11592     0.9971 *
-        500k   256   20     20000     0.9729   <- too few trees
-        500k   256   59     29736     0.9952 * (59 trees, 20000: 0.9938)
-        1M     256   89     30000     0.9853
-        1M     256   90     45360     0.9915 *
-
-    Rows marked * use these defaults, measured on 2,000 query rows; the
-    others are sweeps on 1,000 rows. At D=256 and 1M the margin is thin.
-    Same data and query rows as ``python bench/neighbors_scale.py --sizes
-    100000,500000,1000000 --dims 1280,256 --queries 1000`` (which uses these
-    defaults; the other rows add ``--n-trees T --search-k S``).
+    search on the clustered synthetic data of ``bench/neighbors_scale.py``;
+    the sweep is in ``bench/MEASUREMENTS.md``.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -452,11 +413,10 @@ def default_candidates(k: int) -> int:
     """Number of Annoy candidates fetched per query (besides the item itself) before the re-rank.
 
     Annoy computes exact distances for every item it examines and returns
-    the best ``n``, so recall depends on ``search_k``, not on ``n``:
-    measured at N=500k, D=1280, 10 trees, search_k=10000, recall@20 was
-    0.9872 for 20, 21, 28 and 60 candidates alike. A margin of 8 over ``k``
-    only guards the k-th place against float rounding differences between
-    Annoy's distances and numpy's dot products.
+    the best ``n``, so recall depends on ``search_k``, not on ``n``
+    (``bench/MEASUREMENTS.md``). A margin of 8 over ``k`` only guards the
+    k-th place against float rounding differences between Annoy's distances
+    and numpy's dot products.
     """
     return k + 8
 
@@ -465,9 +425,8 @@ def default_search_k(n_trees: int, candidates: int) -> int:
     """Annoy ``search_k`` (items examined per query): ``18 * n_trees * candidates``.
 
     Annoy's own default is ``n_trees * n``; 18x that was needed for
-    recall@20 >= 0.99 at N=100k, D=1280 with 10 trees (search_k 2000:
-    0.9705, 5000: 0.9990) and, with ``default_n_trees``, holds up to 1M (see
-    the table there). Query time is roughly proportional to
+    recall@20 >= 0.99 with 10 trees and, with ``default_n_trees``, holds up
+    to 1M (``bench/MEASUREMENTS.md``). Query time is roughly proportional to
     ``search_k * D``. Capped at Annoy's int32 limit.
     """
     return int(min(2**31 - 1, max(1, _SEARCH_K_FACTOR * n_trees * candidates)))

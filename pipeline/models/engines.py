@@ -31,14 +31,10 @@ TFLITE_CONVERSION_VERSION = 1
 MIN_PROBE_COSINE = 0.999
 
 
-# Images per model call where --batch_size is not given, measured per engine on
-# efficientnet_lite0, 2-core Zen 4, 2026-12-01 (images/s, median of interleaved repeats):
-# TFLite/XNNPACK keeps a small batch's activations in the per-core caches, so batch 2
-# beat batch 8 by 13 % (one process, 2 threads: 182 vs 161) to 35 % (one 1-thread
-# process per core: 203 vs 150), and 1000 images ran end to end in 8.2–8.8 s against
-# 8.6–9.4 s; TensorFlow pays a fixed cost per call, so batch 2 lost 30–45 % there
-# (70–82 vs 103–106 at 8; 32 was no faster than 8). ``bench/embed_throughput.py``
-# prints the same sweep for any machine.
+# Images per model call where --batch_size is not given: what ran fastest per engine
+# in ``bench/embed_throughput.py`` (figures in bench/MEASUREMENTS.md). TFLite/XNNPACK
+# keeps a small batch's activations in the per-core caches; TensorFlow pays a fixed
+# cost per call, so it wants bigger batches.
 PREFERRED_BATCH = {"tflite": 2, "savedmodel": 8}
 
 
@@ -51,12 +47,12 @@ def lanes_for(engine: str, threads: int, requested: int = 0) -> int:
     """Model calls a worker process runs at once: ``requested`` (--model_lanes), or
     where that is 0 what measured fastest.
 
-    TFLite: one single-threaded interpreter per thread, measured faster than one
+    TFLite: one single-threaded interpreter per thread, which ran faster than one
     interpreter using every thread (a batch of 2 leaves XNNPACK's threads waiting on
-    each other: 224 against 185 images/s on 2 cores, ``bench/embed_throughput.py``,
-    2026-12-01), and each lane runs while the process reads and decodes the next
-    images. The SavedModel engine always runs one call at a time: TensorFlow spreads
-    it over its own thread pools.
+    each other; ``bench/embed_throughput.py``, figures in bench/MEASUREMENTS.md), and
+    each lane runs while the process reads and decodes the next images. The
+    SavedModel engine always runs one call at a time: TensorFlow spreads it over
+    its own thread pools.
     """
     if engine != "tflite":
         return 1
@@ -170,8 +166,7 @@ class TfliteEngine:
     def embed_pixels(self, pixels: list[np.ndarray]) -> np.ndarray:
         """Features of uint8 [S, S, 3] images, scaled straight into the input tensor.
 
-        One pass over the pixels instead of four (stack, cast, scale, copy in):
-        measured 0.11 → 0.04 ms per image, ~1.5 % of the embed stage.
+        One pass over the pixels instead of four (stack, cast, scale, copy in).
         """
         size = tuple(self._input["shape"][1:])
         for image in pixels:
