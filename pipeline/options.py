@@ -167,9 +167,11 @@ class SimilarityOptions(PipelineOptions):
         # --- quality profiles (pipeline/quality.py, issue 20) ---
         parser.add_argument("--quality", choices=("fast", "balanced", "best"), default="fast",
                             help="Neighbour quality recipe: fast (backbone vectors as they "
-                            "are), balanced (PCA-256 fitted on the catalogue + database-side "
-                            "augmentation over 10 neighbours, no extra embedding cost), best "
-                            "(PCA-512 + the same augmentation). See the README's quality table.")
+                            "are), balanced (PCA-256 with partial whitening fitted on the "
+                            "catalogue + database-side augmentation over 10 neighbours, no "
+                            "extra embedding cost), best (PCA-512 + the same augmentation; "
+                            "meant with --model=efficientnet_lite2). See the README's "
+                            "quality profiles.")
         parser.add_argument("--whiten_dim", type=int, default=None,
                             help="Override the profile: PCA axes of the search space (0 = off).")
         parser.add_argument("--whiten_power", type=float, default=None,

@@ -67,13 +67,16 @@ class Recipe:
 PROFILES: dict[str, Recipe] = {
     # Today's path, unchanged: the backbone vectors searched as they are.
     "fast": Recipe("fast"),
-    # Same embedding cost as fast (post-processing only): measured +0.012 P@10 by
-    # articleType on the shared products (0.7531 -> 0.7654), subCategory 0.9285 -> 0.9312.
-    "balanced": Recipe("balanced", whiten_dim=256, dba_k=10, dba_alpha=3.0),
-    # The same post-processing; with --model=efficientnet_lite2 it measured 0.7679.
-    # The recipes that measured higher (flip TTA, max pooling, Lite0+Lite2) need
-    # model-layer work that is not built yet (see the README's quality table).
-    "best": Recipe("best", whiten_dim=512, dba_k=10, dba_alpha=3.0),
+    # Same embedding cost as fast (post-processing only): PCA to 256 axes with
+    # partial whitening (each axis scaled by eigenvalue ** -0.2; 0 is plain PCA,
+    # 0.5 full whitening), then DBA on the 10 nearest. bench/quality_candidates.py on the shared
+    # products: power 0.15-0.25 at 256-512 axes all scored 0.770-0.772 (a plateau;
+    # 0.2 is its middle), plain PCA 0.765, full whitening 0.759. Figures: README, "Quality profiles".
+    "balanced": Recipe("balanced", whiten_dim=256, whiten_power=0.2, dba_k=10, dba_alpha=3.0),
+    # More axes kept, with the milder power that scored best at 512 (0.7715 on Lite0
+    # in the same sweep). On Lite0 it is no better than balanced: it pays off with the
+    # stronger backbone (--model=efficientnet_lite2, README "Quality profiles").
+    "best": Recipe("best", whiten_dim=512, whiten_power=0.15, dba_k=10, dba_alpha=3.0),
 }
 
 # Knob name (option) → Recipe field it overrides.
