@@ -533,7 +533,7 @@ class SimilarityIndex:
 
     def _read(self, location: str) -> bytes:
         from pipeline.http_fetch import FetchConfig, HttpFetcher
-        from transforms.errors import RowError
+        from pipeline.row_errors import RowError
 
         scheme = location.split("://", 1)[0].lower() if "://" in location else ""
         try:
@@ -562,7 +562,7 @@ class SimilarityIndex:
 
 def _read_local(path: str, max_bytes: int) -> bytes:
     """A local file's bytes, with the pipeline's reason codes (missing_file, unreadable, too_large)."""
-    from transforms.errors import RowError
+    from pipeline.row_errors import RowError
 
     try:
         size = os.path.getsize(path)

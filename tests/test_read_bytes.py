@@ -16,8 +16,9 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.http_fetch import FetchConfig
+from pipeline.row_errors import RowError
 from tests.http_fixtures import HTML, JPEG, http_server  # noqa: F401 (fixture)
-from transforms.errors import ERRORS, METRICS_NAMESPACE, RowError
+from transforms.errors import ERRORS, METRICS_NAMESPACE
 from transforms.read_bytes import ReadImageBytesFn, is_url, read_file_bytes
 
 CONFIG = FetchConfig(

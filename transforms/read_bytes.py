@@ -25,10 +25,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.errors import (ERRORS, METRICS_NAMESPACE, STAGE_READ, RowError, count_failure,
-                              error_record)
 from pipeline.http_fetch import FetchConfig, HttpFetcher
-from transforms.locations import location_scheme, redact_location
+from pipeline.locations import location_scheme, redact_location
+from pipeline.row_errors import STAGE_READ, RowError, error_record
+from transforms.errors import ERRORS, METRICS_NAMESPACE, count_failure
 
 _URL_SCHEMES = ("http", "https")
 _READ_CHUNK = 1024 * 1024
@@ -318,7 +318,7 @@ class ReadImageBytesFn(beam.DoFn):
         started = time.monotonic()
         location = row.get("image")
         previous = row.get("previous")
-        # Features store the redacted location (transforms/locations.py); older runs the raw one.
+        # Features store the redacted location (pipeline/locations.py); older runs the raw one.
         same_location = previous is not None and previous.get("image") in (
             location, redact_location(location))
         etag = last_modified = None

@@ -98,7 +98,7 @@ def resolve_image(value: str, manifest_dir: str | None) -> str:
     a relative path is taken relative to the manifest's directory, as a shop's
     export of ``images/123.jpg`` next to ``catalog.csv`` expects.
     """
-    from transforms.locations import location_scheme
+    from pipeline.locations import location_scheme
 
     if "://" in value or value.startswith("/") or manifest_dir is None or location_scheme(value):
         return value  # "data:…", "mailto:…" have a scheme too: not a relative file name
