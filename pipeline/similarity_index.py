@@ -544,8 +544,8 @@ class SimilarityIndex:
                 return self._fetcher.fetch(location).data
             max_bytes = (self._fetch_config.max_bytes if self._fetch_config is not None
                          else 20 * 1024 * 1024)
-            if scheme:  # gs://, s3://…: the pipeline's reader (imports Beam)
-                from transforms.read_bytes import read_file_bytes
+            if scheme:  # gs://, s3://…: the pipeline's reader (imports Beam's filesystems)
+                from pipeline.file_bytes import read_file_bytes
 
                 return read_file_bytes(location, max_bytes)
             return _read_local(location, max_bytes)
