@@ -1,10 +1,10 @@
 """Read one file's bytes, local or on a Beam filesystem, with the pipeline's reason codes.
 
-Plain library code (the bottom layer; ``apache_beam.io.filesystems`` only, for
-``gs://``, ``s3://``… paths): the run's byte reader (``transforms/read_bytes.py``)
-and the query API (``pipeline/similarity_index.py``) read files by the same rules,
-so a path refused in a run (a FIFO, a device, ``/proc``, a ``file://`` URL) is
-refused in a query with the same reason.
+Plain library code (the bottom layer; Beam's filesystems only, for ``gs://``,
+``s3://``… paths), so that the run's byte reader (``transforms/read_bytes.py``)
+and the query API (``pipeline/similarity_index.py``, for non-local paths) share
+one reader and its refusals (a FIFO, a device, ``/proc``, a ``file://`` URL)
+without the query API importing a Beam stage.
 """
 
 from __future__ import annotations
