@@ -95,7 +95,8 @@ def read_records(path: str) -> list:
 
 
 def read_pipeline_rows(path: str) -> list:
-    from transforms.read_catalog import ReadManifestRowsFn, inspect_catalog
+    from pipeline.catalog import inspect_catalog
+    from transforms.read_catalog import ReadManifestRowsFn
 
     info = inspect_catalog(path)
     return list(ReadManifestRowsFn(info).process(path))

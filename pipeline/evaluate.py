@@ -27,8 +27,8 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import files, publish, run_reader, similarity_search
+from pipeline.catalog import ManifestRowReader, inspect_catalog
 from pipeline.run_layout import EVALUATION_FILE, IDS_FILE, INDEX_DIR, SPACE_FILE, VECTORS_FILE
-from transforms.read_catalog import ReadManifestRowsFn, inspect_catalog
 
 
 def read_labels(manifest: str, label_column: str, id_column: str = "product_id",
@@ -40,7 +40,7 @@ def read_labels(manifest: str, label_column: str, id_column: str = "product_id",
     if label_column not in carried:
         raise ValueError(f"{manifest} has no column {label_column!r}")
     labels = {}
-    for row in ReadManifestRowsFn(info).process(manifest):
+    for row in ManifestRowReader(info).rows(manifest):
         value = row["extra"].get(carried[label_column])
         if row.get("product_id") and value not in (None, ""):
             labels[row["product_id"]] = str(value)

@@ -24,9 +24,11 @@ from transforms.errors import ERRORS
 from pipeline.http_fetch import FetchConfig
 from transforms.progress_tick import count_as, count_failures
 from transforms.duplicate_groups import WriteDuplicateGroups
-from transforms.query_neighbors import NEAR_DUPLICATES, QueryNeighbors
+from transforms.neighbor_shards import NEAR_DUPLICATES
+from transforms.query_neighbors import QueryNeighbors
 from transforms.read_bytes import ReadImageBytesFn
-from transforms.read_catalog import CatalogInfo, ReadCatalog
+from pipeline.catalog import CatalogInfo
+from transforms.read_catalog import ReadCatalog
 from transforms import read_vectors
 from transforms.reuse_previous import REUSED, ReadPreviousFeatures, SplitUnchangedFn
 from transforms.validate_rows import SplitInvalidRowsFn

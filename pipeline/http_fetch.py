@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import quote, urljoin, urlsplit
 
-from transforms.errors import RowError
-from transforms.locations import location_scheme, redact_location
+from pipeline.locations import location_scheme, redact_location
+from pipeline.row_errors import RowError
 
 ALLOWED_SCHEMES = ("http", "https")
 DEFAULT_PORTS = {"http": 80, "https": 443}

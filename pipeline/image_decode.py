@@ -35,7 +35,7 @@ except ImportError:
 else:
     pillow_heif.register_heif_opener()
 
-from transforms.errors import RowError
+from pipeline.row_errors import RowError
 
 # A cut-off download must be reported, never silently decoded with a grey
 # bottom half, so truncated files always raise in this process.

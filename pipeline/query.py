@@ -127,10 +127,10 @@ def run_batch(args, beam_args, test_pipeline=None) -> dict:
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipeline import files
+    from pipeline.catalog import inspect_catalog
     from pipeline.local_runner import runner_for
     from pipeline.models import engines
     from transforms.query_catalog import QUERY_MANIFEST_FILE, build_query_graph
-    from transforms.read_catalog import inspect_catalog
 
     index = SimilarityIndex.open(args.run, model=args.model, cache_dir=args.model_cache_dir,
                                  load_model_now=False)

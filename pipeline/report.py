@@ -41,8 +41,8 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import files, publish, run_reader
 from pipeline.image_decode import DecodeError, decode_image
+from pipeline.locations import is_url
 from pipeline.run_layout import EVALUATION_FILE, REPORT_FILE
-from transforms.read_catalog import is_url
 
 THUMBNAIL_SIZE = 96
 THUMBNAIL_QUALITY = 80

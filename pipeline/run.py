@@ -39,7 +39,7 @@ from pipeline.run_layout import (DUPLICATES_DIR, ERRORS_DIR, FEATURES_DIR, INDEX
                                  MANIFEST_FILE, PAIRS_PREFIX)
 from pipeline.http_fetch import FetchConfig
 from transforms.query_neighbors import clear_stale_shards
-from transforms.read_catalog import CatalogError, inspect_catalog, manifest_kind
+from pipeline.catalog import CatalogError, inspect_catalog, manifest_kind
 from transforms.read_vectors import vector_dim
 from pipeline.vectors import external_model
 

@@ -533,7 +533,7 @@ class SimilarityIndex:
 
     def _read(self, location: str) -> bytes:
         from pipeline.http_fetch import FetchConfig, HttpFetcher
-        from transforms.errors import RowError
+        from pipeline.row_errors import RowError
 
         scheme = location.split("://", 1)[0].lower() if "://" in location else ""
         try:
@@ -544,8 +544,8 @@ class SimilarityIndex:
                 return self._fetcher.fetch(location).data
             max_bytes = (self._fetch_config.max_bytes if self._fetch_config is not None
                          else 20 * 1024 * 1024)
-            if scheme:  # gs://, s3://…: the pipeline's reader (imports Beam)
-                from transforms.read_bytes import read_file_bytes
+            if scheme:  # gs://, s3://…: the pipeline's reader (imports Beam's filesystems)
+                from pipeline.file_bytes import read_file_bytes
 
                 return read_file_bytes(location, max_bytes)
             return _read_local(location, max_bytes)
@@ -562,7 +562,7 @@ class SimilarityIndex:
 
 def _read_local(path: str, max_bytes: int) -> bytes:
     """A local file's bytes, with the pipeline's reason codes (missing_file, unreadable, too_large)."""
-    from transforms.errors import RowError
+    from pipeline.row_errors import RowError
 
     try:
         size = os.path.getsize(path)

@@ -38,9 +38,10 @@ from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageDraw
 
 from pipeline import files
+from pipeline.catalog import CatalogError, ManifestRowReader, inspect_catalog
 from pipeline.image_decode import DecodeError, decode_image
+from pipeline.locations import is_url
 from pipeline.models import autoencoder as ae
-from transforms.read_catalog import CatalogError, ReadManifestRowsFn, inspect_catalog, is_url
 
 TRAINING_FILE = "training.json"
 CURVE_FILE = "training.png"
@@ -75,7 +76,7 @@ def catalog_rows(input_path: str, id_column: str = "product_id",
                 for m in matched]
         return sorted(rows, key=lambda r: r.product_id), invalid
     rows = []
-    for raw in ReadManifestRowsFn(info).process(input_path):
+    for raw in ManifestRowReader(info).rows(input_path):
         if raw.get("invalid"):
             invalid[f"catalog:{raw['invalid'][0]}"] += 1
         elif is_url(raw["image"]):

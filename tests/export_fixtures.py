@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.catalog import CatalogInfo
 from pipeline.features import features_schema
 from pipeline.models.registry import ResolvedModel
-from transforms.read_catalog import CatalogInfo
 
 MODEL = "test/tiny-features@1"
 AWKWARD_IDS = ["sku\twith\ttabs", 'quote"d', "back\\slash", "ümlaut-é-日本", "comma,semi;"]

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import files
+from pipeline.catalog import inspect_catalog
 from pipeline.csv_records import CsvReader
 from pipeline.export import main as export_main
 from pipeline.exporters.elastic import write_bulk_files
@@ -42,7 +43,7 @@ from pipeline.product_ids import (
 from pipeline.run import run
 from tests.conftest import shape_image
 from tests.export_fixtures import write_run
-from transforms.read_catalog import ReadManifestRowsFn, inspect_catalog
+from transforms.read_catalog import ReadManifestRowsFn
 
 
 def png(kind: str, color: tuple) -> bytes:

@@ -20,6 +20,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline import run_layout, run_reader
+from pipeline.catalog import CatalogInfo
 from pipeline.features import feature_row, features_schema
 from transforms import count_rows
 from transforms.build_index import BuildIndex
@@ -27,7 +28,6 @@ from transforms.deduplicate import REMOVED, DeduplicateProductIds
 from transforms.duplicate_groups import WriteDuplicateGroups
 from transforms.errors import ERRORS
 from transforms.query_neighbors import QueryNeighbors
-from transforms.read_catalog import CatalogInfo
 from transforms.reuse_previous import REUSED, SplitUnchangedFn
 from transforms.write_manifest import WriteManifest
 

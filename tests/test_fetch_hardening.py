@@ -21,12 +21,12 @@ import time
 
 import pytest
 
+from pipeline.file_bytes import read_file_bytes
 from pipeline.http_fetch import FetchConfig, FetchError, HttpFetcher, connect_socket, parse_url
 from pipeline.image_decode import DecodeError, decode_image
+from pipeline.locations import redact_location
+from pipeline.row_errors import RowError, error_record
 from tests.http_fixtures import JPEG, http_server  # noqa: F401 (fixture)
-from transforms.errors import RowError, error_record
-from transforms.locations import redact_location
-from transforms.read_bytes import read_file_bytes
 
 FAST = dict(connect_timeout=1.0, read_timeout=0.5, total_timeout=1.5, max_retries=2,
             backoff_factor=0.01, max_backoff=1.0, max_redirects=3, max_bytes=1024 * 1024)

@@ -156,7 +156,7 @@ def test_recall_estimate_flags_runs_below_target():
 
 
 def test_recall_hits_counts_ties_as_found():
-    from transforms.ivf_neighbors import recall_hits
+    from transforms.neighbor_shards import recall_hits
 
     v = clustered(500, 8, seed=2)
     rows = np.arange(0, 500, 5)

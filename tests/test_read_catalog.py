@@ -11,15 +11,10 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from pipeline.catalog import CatalogError, inspect_catalog, resolve_image
 from transforms.deduplicate import DeduplicateProductIds
 from transforms.errors import ERRORS
-from transforms.read_catalog import (
-    CatalogError,
-    ReadCatalog,
-    ReadManifestRowsFn,
-    inspect_catalog,
-    resolve_image,
-)
+from transforms.read_catalog import ReadCatalog, ReadManifestRowsFn
 
 
 def rows_of(path, **kwargs):

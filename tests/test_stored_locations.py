@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipeline.locations import redact_location
 from pipeline.run import run
 from tests.http_fixtures import http_server  # noqa: F401 - fixture
-from transforms.locations import redact_location
 
 SECRETS = ("hunter2", "S3CR3T", "AKIAXYZ", "sigvalue")
 

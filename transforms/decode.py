@@ -14,7 +14,8 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
 from pipeline.image_decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
-from transforms.errors import ERRORS, METRICS_NAMESPACE, STAGE_DECODE, count_failure, error_record
+from pipeline.row_errors import STAGE_DECODE, error_record
+from transforms.errors import ERRORS, METRICS_NAMESPACE, count_failure
 
 
 class DecodeImageFn(beam.DoFn):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam import pvalue
 
-from transforms.errors import ERRORS, STAGE_READ, error_record
+from pipeline.row_errors import STAGE_READ, error_record
+from transforms.errors import ERRORS
 
 
 def _order_key(row: dict):

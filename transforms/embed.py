@@ -21,9 +21,10 @@ from apache_beam.utils import shared
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.features import feature_row
+from pipeline.locations import redact_location
 from pipeline.models.registry import ResolvedModel, load_model
-from transforms.errors import ERRORS, METRICS_NAMESPACE, STAGE_EMBED, count_failure, error_record
-from transforms.locations import redact_location
+from pipeline.row_errors import STAGE_EMBED, error_record
+from transforms.errors import ERRORS, METRICS_NAMESPACE, count_failure
 
 
 class _ModelHolder:

@@ -1,41 +1,22 @@
-"""Dead-letter records: every input row that cannot be embedded ends here.
+"""The Beam side of dead-letter records: the tagged output and the failure metrics.
 
-A run never crashes on bad input and never drops a row silently: each stage
-that can fail emits the row on the ``ERRORS`` tagged output as one record made
-by :func:`error_record`, and the pipeline writes them all to ``errors/``.
+The records themselves (:class:`pipeline.row_errors.RowError`,
+:func:`pipeline.row_errors.error_record`, the stage names) are plain library code
+in the bottom layer; this module holds only what a DoFn needs to emit and count
+them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
-from pipeline.product_ids import redact_userinfo
+# Kept importable here only for transforms/read_vectors.py, which another branch is
+# rewriting; drop these two names once it imports them from pipeline.row_errors.
+from pipeline.row_errors import STAGE_READ, error_record  # noqa: F401
 
 # Tag of the dead-letter output of every DoFn that can fail.
 ERRORS = "errors"
 
-# Stages a row can fail in, in pipeline order.
-STAGE_READ = "read"
-STAGE_DECODE = "decode"
-STAGE_EMBED = "embed"
-STAGES = (STAGE_READ, STAGE_DECODE, STAGE_EMBED)
-
 # Namespace of every Beam metric the pipeline reports.
 METRICS_NAMESPACE = "similarity"
-
-
-class RowError(Exception):
-    """A row-level failure with a short machine-readable reason code.
-
-    ``reason`` is a stable snake_case code (``missing_file``, ``http_404``,
-    ``truncated``…) used for counting failures by kind; the message is the
-    sentence a person reads in ``errors/``.
-    """
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 def count_failure(stage: str, reason: str, amount: int = 1) -> None:
@@ -43,26 +24,3 @@ def count_failure(stage: str, reason: str, amount: int = 1) -> None:
     from apache_beam.metrics import Metrics
 
     Metrics.counter(METRICS_NAMESPACE, f"{stage}_failed_{reason}").inc(amount)
-
-
-def error_record(row: Mapping[str, Any], stage: str, reason: str, message: str) -> dict:
-    """Build the dead-letter record for ``row`` that failed in ``stage``.
-
-    The record carries what a person needs to find and fix the input: the
-    product id, the image location, the stage, a reason code and a sentence.
-    The location is stored without URL credentials or inline data: content, and
-    the ``user:password@`` of any URL in the sentence is replaced by ``***@``, so
-    credentials are never stored in ``errors/``.
-    """
-    from transforms.locations import redact_location
-
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-    image = row.get("image")
-    return {
-        "product_id": None if row.get("product_id") is None else str(row.get("product_id")),
-        "image": redact_location(image),
-        "stage": stage,
-        "reason": reason,
-        "error": redact_userinfo(message),
-    }

@@ -46,8 +46,13 @@ import numpy as np
 
 from pipeline import files, ivf, similarity_search
 from pipeline.run_layout import CENTROIDS_FILE, IDS_FILE, VECTORS_FILE
-
-RECALL_SAMPLE = 1_000  # products per run whose lists are checked against exact search
+from transforms.neighbor_shards import (
+    NEAR_DUPLICATES,
+    ShardWriter,
+    recall_hits,
+    recall_rows,
+    write_shard,
+)
 
 
 def _local_dir(index_dir: str) -> str:
@@ -60,28 +65,6 @@ def _local_dir(index_dir: str) -> str:
         if name != CENTROIDS_FILE or files.exists(files.join(index_dir, name)):
             files.copy_to_local(files.join(index_dir, name), cache)
     return cache
-
-
-def recall_rows(count: int, seed: int) -> np.ndarray:
-    """The rows of an index whose published lists are checked against exact search."""
-    return ivf.sample_rows(count, min(RECALL_SAMPLE, count), seed + 1)
-
-
-def recall_hits(vectors, rows: np.ndarray, found_sims: np.ndarray, k: int) -> tuple[int, int]:
-    """(hits, wanted): published neighbours at least as similar as exact search's k-th.
-
-    Counting by similarity (with a 1e-6 float margin) instead of by id makes
-    ties at the k-th place count as found, whichever of the tied products was
-    kept.
-    """
-    if len(rows) == 0 or k == 0:
-        return 0, 0
-    _, exact_sims = similarity_search.exact_top_k(np.asarray(vectors[rows]), vectors, k,
-                                                  query_rows=rows)
-    kk = exact_sims.shape[1]
-    threshold = exact_sims[:, -1:] - 1e-6
-    hits = int((found_sims[:, :kk] >= threshold).sum())
-    return hits, int(len(rows) * kk)
 
 
 class TrainIvfFn(beam.DoFn):
@@ -200,14 +183,10 @@ class MergeWriteFn(beam.DoFn):
 
     def __init__(self, output_dir: str, top_k: int, min_similarity, duplicate_threshold,
                  seed: int):
-        from transforms.query_neighbors import QueryNeighborsFn
-
-        self._writer = QueryNeighborsFn(output_dir, top_k, min_similarity, duplicate_threshold)
+        self._writer = ShardWriter(output_dir, top_k, min_similarity, duplicate_threshold)
         self._seed = seed
 
     def process(self, element):
-        from transforms.query_neighbors import write_shard
-
         _, pieces = element
         pieces = list(pieces)
         started = time.time()
@@ -235,8 +214,6 @@ class IvfNeighbors(beam.PTransform):
         self._merge = MergeWriteFn(output_dir, top_k, min_similarity, duplicate_threshold, seed)
 
     def expand(self, work):
-        from transforms.query_neighbors import NEAR_DUPLICATES
-
         return (work
                 | "Assign" >> beam.ParDo(AssignFn())
                 | "GroupByList" >> beam.GroupByKey()

@@ -18,6 +18,7 @@ import numpy as np
 from apache_beam.utils import shared
 
 from pipeline import files
+from pipeline.catalog import CatalogInfo
 from pipeline.http_fetch import FetchConfig
 from pipeline.models.registry import ResolvedModel
 from pipeline.run_layout import (
@@ -33,7 +34,7 @@ from transforms.deduplicate import DeduplicateProductIds
 from transforms.embed import EmbedImages
 from transforms.errors import ERRORS
 from transforms.read_bytes import ReadImageBytesFn
-from transforms.read_catalog import CatalogInfo, ReadCatalog
+from transforms.read_catalog import ReadCatalog
 from transforms.validate_rows import SplitInvalidRowsFn
 
 LOOKUP_BATCH = 64

@@ -6,7 +6,8 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
-from transforms.errors import ERRORS, METRICS_NAMESPACE, STAGE_READ, count_failure, error_record
+from pipeline.row_errors import STAGE_READ, error_record
+from transforms.errors import ERRORS, METRICS_NAMESPACE, count_failure
 
 
 class SplitInvalidRowsFn(beam.DoFn):

@@ -42,7 +42,7 @@ def recall_estimate(settings: dict, shards: list) -> dict:
 
     Exact indexes are exact by construction (recall 1.0, nothing sampled);
     Annoy and IVF shards measured their share of the recall sample against
-    exact search (see ``transforms.ivf_neighbors.recall_hits``).
+    exact search (see ``transforms.neighbor_shards.recall_hits``).
     """
     target = settings.get("recall_target", 0.99)
     wanted = sum(s.get("recall_wanted", 0) for s in shards)

@@ -2,9 +2,9 @@
 
 A plain library module (no Beam, no network): the catalogue reader, the byte
 reader, the fetcher and the dead-letter records all need the same answer to
-"does this location have a scheme, and which?", and every place that writes a
-location into ``errors/`` must write it without the credentials or the inline
-content it may carry.
+"does this location have a scheme, and which?" (and "is it fetched over HTTP?"),
+and every place that writes a location into ``errors/`` must write it without
+the credentials or the inline content it may carry.
 """
 
 from __future__ import annotations
@@ -30,6 +30,20 @@ def location_scheme(location: Any) -> str | None:
         return None
     match = _SCHEME.match(location)
     return match.group(1).lower() if match else None
+
+
+_URL_SCHEMES = ("http", "https")
+
+
+def is_url(location: Any) -> bool:
+    """True when ``location`` is an http(s) URL, which is fetched over HTTP.
+
+    The byte reader's rule, shared by everything that must agree with it on
+    what is fetched (the report's thumbnails, the autoencoder's training set):
+    the scheme decides, case-insensitively, with or without ``//``, and a value
+    that is not text is no URL.
+    """
+    return location_scheme(location) in _URL_SCHEMES
 
 
 # Query parameters that carry a secret in common signed or authenticated image URLs
