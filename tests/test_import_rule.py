@@ -22,7 +22,7 @@ PACKAGES = ("pipeline", "transforms", "runners")
 BOTTOM = {
     "pipeline.csv_records", "pipeline.features", "pipeline.files", "pipeline.http_fetch",
     "pipeline.image_decode",
-    "pipeline.ivf", "pipeline.logs", "pipeline.product_ids", "pipeline.run_layout", "pipeline.run_reader",
+    "pipeline.ivf", "pipeline.logs", "pipeline.vector_blocks", "pipeline.vectors", "pipeline.product_ids", "pipeline.run_layout", "pipeline.run_reader",
     "pipeline.similarity_search", "pipeline.models", "pipeline.models.autoencoder",
     "pipeline.models.cache", "pipeline.models.efficientnet_lite", "pipeline.models.engines",
     "pipeline.models.raw_pixels", "pipeline.models.registry", "pipeline.models.torch_legacy",
