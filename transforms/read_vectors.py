@@ -66,10 +66,10 @@ def block_size(block: RowBlock) -> int:
 class ReadVectorBlocksFn(ReadManifestRowsFn):
     """One manifest file → blocks of its rows (:func:`vector_blocks.rows_block`), in order."""
 
-    def __init__(self, info: CatalogInfo, dim: int, block_rows: int = vector_blocks.BLOCK_ROWS):
+    def __init__(self, info: CatalogInfo, dim: int, block_rows: int | None = None):
         super().__init__(info)
         self._dim = dim
-        self._block_rows = block_rows
+        self._block_rows = block_rows or vector_blocks.BLOCK_ROWS
         self._fields = info.carried_schema_fields()
 
     def process(self, path: str):
