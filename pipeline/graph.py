@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 
-from pipeline import files, progress
+from pipeline import files, progress, vector_blocks
 from pipeline.models.registry import ResolvedModel
 from pipeline.quality import PROFILES, Recipe
 from transforms import count_rows
 from transforms.build_index import BuildIndex
 from transforms.decode import DecodeImageFn
-from transforms.deduplicate import REMOVED, DeduplicateProductIds
+from transforms.deduplicate import REMOVED, DeduplicateBlocks, DeduplicateProductIds
 from transforms.embed import EmbedImages
 from transforms.errors import ERRORS
 from pipeline.http_fetch import FetchConfig
@@ -78,20 +78,25 @@ def build_graph(p: beam.Pipeline, config: RunConfig):
 
 
 def _vector_features(p: beam.Pipeline, config: RunConfig):
-    """Precomputed vectors: ReadVectors → ValidateRows → DeduplicateIds → ValidateVectors."""
+    """Precomputed vectors, in blocks of rows (``pipeline.vector_blocks``) from the reader to
+    the feature writer: ReadVectors → ValidateRows → DeduplicateIds (per hash bucket of
+    the id) → ValidateVectors."""
+    buckets = vector_blocks.bucket_count(
+        read_vectors.estimated_rows(config.catalog, config.model.dim))
     rows = p | "ReadVectors" >> read_vectors.ReadVectors(config.catalog, config.model.dim)
-    valid = rows | "ValidateRows" >> beam.ParDo(SplitInvalidRowsFn()).with_outputs(
-        ERRORS, main="rows")
+    valid = rows | "ValidateRows" >> beam.ParDo(
+        read_vectors.SplitInvalidBlockRowsFn()).with_outputs(ERRORS, main="rows")
     previous = None
     if config.previous_run:
         previous = p | "ReadPreviousKeys" >> read_vectors.ReadPreviousVectorKeys(
-            config.previous_run)
-    unique = valid.rows | "DeduplicateIds" >> DeduplicateProductIds(previous)
+            config.previous_run, buckets)
+    unique = valid.rows | "DeduplicateIds" >> DeduplicateBlocks(buckets, previous)
     checked = unique.rows | "ValidateVectors" >> beam.ParDo(
-        read_vectors.ValidateVectorsFn(config.model.model_id)).with_outputs(
-        ERRORS, read_vectors.REUSED, main="rows")
+        read_vectors.ValidateVectorBlocksFn(
+            config.model.model_id, features_schema(config.model, config.catalog))
+    ).with_outputs(ERRORS, read_vectors.REUSED, main="rows")
     return (rows, valid, unique, previous is not None, checked.rows,
-            checked[read_vectors.REUSED], [checked[ERRORS]])
+            checked[read_vectors.REUSED], [checked[ERRORS]], buckets)
 
 
 def _image_features(p: beam.Pipeline, config: RunConfig):
@@ -116,17 +121,24 @@ def _image_features(p: beam.Pipeline, config: RunConfig):
     _ = read.rows | "ProgressFetched" >> count_as(progress.FETCHED)
     _ = decoded.rows | "ProgressDecoded" >> count_as(progress.DECODED)
     return (rows, valid, unique, previous is not None, embedded.features, changed[REUSED],
-            [read[ERRORS], decoded[ERRORS], embedded[ERRORS]])
+            [read[ERRORS], decoded[ERRORS], embedded[ERRORS]], 0)
 
 
-def _build(p, config, rows, valid, unique, has_previous, new_features, reused, stage_errors):
-    """Everything after the features: the same for images and precomputed vectors."""
+def _build(p, config, rows, valid, unique, has_previous, new_features, reused, stage_errors,
+           buckets=0):
+    """Everything after the features: the same for images and precomputed vectors.
+
+    ``buckets`` > 0: the rows, features and removed ids are blocks (lists) of rows
+    cut into that many hash buckets (precomputed vectors); counts and progress weigh
+    each element by its rows.
+    """
+    size = read_vectors.block_size if buckets else None
     if not has_previous:  # nothing to reuse: the features are written where they are made
         features = new_features
     else:
         features = (new_features, reused) | "AllFeatures" >> beam.Flatten()
     feature_files = features | "WriteFeatures" >> WriteFeatures(
-        config.output, features_schema(config.model, config.catalog))
+        config.output, features_schema(config.model, config.catalog), blocks=bool(buckets))
 
     errors = ((valid[ERRORS], unique[ERRORS], *stage_errors)
               | "AllErrors" >> beam.Flatten())
@@ -137,9 +149,9 @@ def _build(p, config, rows, valid, unique, has_previous, new_features, reused, s
                        file_name_suffix=".jsonl"))
 
     # Live progress: side branches that count rows per stage (see pipeline.progress).
-    _ = rows | "ProgressRead" >> count_as(progress.READ)
-    _ = new_features | "ProgressEmbedded" >> count_as(progress.EMBEDDED)
-    _ = reused | "ProgressReused" >> count_as(progress.REUSED)
+    _ = rows | "ProgressRead" >> count_as(progress.READ, size)
+    _ = new_features | "ProgressEmbedded" >> count_as(progress.EMBEDDED, size)
+    _ = reused | "ProgressReused" >> count_as(progress.REUSED, size)
     _ = errors | "ProgressFailed" >> count_failures()
     _ = feature_files | "ProgressFeatureFiles" >> count_as(progress.FEATURE_FILES)
 
@@ -162,14 +174,16 @@ def _build(p, config, rows, valid, unique, has_previous, new_features, reused, s
                 config.output, config.top_k, config.min_similarity, config.duplicate_threshold,
                 config.nlist, config.nprobe, config.seed, config.recall_target))
         groups = ((features, queried[NEAR_DUPLICATES])
-                  | "DuplicateGroups" >> WriteDuplicateGroups(config.output))
+                  | "DuplicateGroups" >> WriteDuplicateGroups(config.output, buckets))
         shards = queried["shards"]
         _ = shards | "ProgressShards" >> count_as(progress.NEIGHBOR_SHARDS)
         written.append(groups)
 
     counts = {count_rows.INPUT: rows, count_rows.EMBEDDED: features,
               count_rows.REUSED: reused, count_rows.REMOVED: unique[REMOVED],
-              count_rows.FAILED: errors} | "CountRows" >> count_rows.CountRows()
+              count_rows.FAILED: errors} | "CountRows" >> count_rows.CountRows(
+                  {count_rows.INPUT: len, count_rows.EMBEDDED: len, count_rows.REUSED: len,
+                   count_rows.REMOVED: len} if buckets else None)
     return ((counts, index, shards, *written)
             | "WriteManifest" >> WriteManifest(config.output, config.settings,
                                                config.started_at))

@@ -71,7 +71,8 @@ PROFILES: dict[str, Recipe] = {
     # partial whitening (each axis scaled by eigenvalue ** -0.2; 0 is plain PCA,
     # 0.5 full whitening), then DBA on the 10 nearest. bench/quality_candidates.py on the shared
     # products: power 0.15-0.25 at 256-512 axes all scored 0.770-0.772 (a plateau;
-    # 0.2 is its middle), plain PCA 0.765, full whitening 0.759. Figures: README, "Quality profiles".
+    # 0.2 is its middle), plain PCA 0.765, full whitening 0.759.
+    # Figures: README, "Quality profiles".
     "balanced": Recipe("balanced", whiten_dim=256, whiten_power=0.2, dba_k=10, dba_alpha=3.0),
     # More axes kept, with the milder power that scored best at 512 (0.7715 on Lite0
     # in the same sweep). On Lite0 it is no better than balanced: it pays off with the

@@ -125,26 +125,42 @@ def parquet_dim(path: str, column: str) -> int | None:
 
 
 def arrow_vectors(column: pa.Array, dim: int) -> list:
-    """Check a whole Arrow column at once: per row a unit float32 vector or a VectorError.
+    """Check a whole Arrow column at once: per row a unit float32 vector or a VectorError."""
+    matrix, problems = arrow_vector_matrix(column, dim)
+    return [problem if problem is not None else matrix[i] for i, problem in enumerate(problems)]
+
+
+def arrow_vector_matrix(column: pa.Array, dim: int) -> tuple[np.ndarray, list]:
+    """Check a whole Arrow column at once: ([rows, dim] unit float32, per row None or error).
 
     The fast path for Parquet ``list``/``large_list``/``fixed_size_list`` of
     numbers: lengths, NaN/inf and zeros are found with array operations instead
-    of one Python list per row. Other column types go row by row.
+    of one Python list per row. Other column types go row by row. Rows with a
+    problem hold zeros in the matrix.
     """
     kind = column.type
+    n = len(column)
+    matrix = np.zeros((n, dim), dtype=np.float32)
+    problems: list = [None] * n
     if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)
             or pa.types.is_fixed_size_list(kind)):
-        return [_checked_or_error(v, dim) for v in column.to_pylist()]
+        for i, value in enumerate(column.to_pylist()):
+            checked = _checked_or_error(value, dim)
+            if isinstance(checked, VectorError):
+                problems[i] = checked
+            else:
+                matrix[i] = checked
+        return matrix, problems
     if not (pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)):
-        return [VectorError("non_numeric", f"the embedding column holds {kind.value_type}, "
-                            f"not numbers") if v is not None else
-                VectorError("null_vector", "the embedding cell is empty")
-                for v in column.to_pylist()]
-    out: list = [None] * len(column)
+        problems = [VectorError("non_numeric", f"the embedding column holds {kind.value_type}, "
+                                f"not numbers") if v is not None else
+                    VectorError("null_vector", "the embedding cell is empty")
+                    for v in column.to_pylist()]
+        return matrix, problems
     valid = np.asarray(column.is_valid())
     if pa.types.is_fixed_size_list(kind):
-        lengths = np.full(len(column), kind.list_size)
-        starts = (np.arange(len(column)) + column.offset) * kind.list_size
+        lengths = np.full(n, kind.list_size)
+        starts = (np.arange(n) + column.offset) * kind.list_size
         values = column.values
     else:
         offsets = np.asarray(column.offsets)
@@ -154,28 +170,29 @@ def arrow_vectors(column: pa.Array, dim: int) -> list:
     value_nulls = values.null_count > 0
     good = valid & (lengths == dim)
     rows = np.flatnonzero(good)
-    matrix = np.zeros((len(rows), dim), dtype=np.float32)
+    picked = np.zeros((len(rows), dim), dtype=np.float32)
     if len(rows):
         gather = starts[rows][:, None] + np.arange(dim)[None, :]
-        matrix = flat[gather]
+        picked = flat[gather]
         if value_nulls:
             null_items = ~np.asarray(values.is_valid())[gather]
-            matrix[null_items] = np.nan
-    finite = np.isfinite(matrix).all(axis=1)
-    norms = np.linalg.norm(np.where(finite[:, None], matrix, 0).astype(np.float64), axis=1)
+            picked[null_items] = np.nan
+    finite = np.isfinite(picked).all(axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], picked, 0).astype(np.float64), axis=1)
     for i in np.flatnonzero(~valid):
-        out[i] = VectorError("null_vector", "the embedding cell is empty")
+        problems[i] = VectorError("null_vector", "the embedding cell is empty")
     for i in np.flatnonzero(valid & (lengths != dim)):
-        out[i] = VectorError("wrong_length", f"the embedding has {lengths[i]} values, the "
-                             f"run's dimension is {dim}")
-    for j, i in enumerate(rows):
-        if not finite[j]:
-            out[i] = VectorError("non_finite", "the embedding holds NaN, infinite or null values")
-        elif norms[j] == 0.0:
-            out[i] = VectorError("zero_vector", "the embedding is all zeros (no direction)")
-        else:
-            out[i] = (matrix[j] / np.float32(norms[j])).astype(np.float32)
-    return out
+        problems[i] = VectorError("wrong_length", f"the embedding has {lengths[i]} values, the "
+                                  f"run's dimension is {dim}")
+    usable = finite & (norms != 0.0)
+    for j in np.flatnonzero(~usable):
+        problems[rows[j]] = (
+            VectorError("non_finite", "the embedding holds NaN, infinite or null values")
+            if not finite[j] else
+            VectorError("zero_vector", "the embedding is all zeros (no direction)"))
+    # The same float32 division the per-vector check does, for all usable rows at once.
+    matrix[rows[usable]] = picked[usable] / norms[usable].astype(np.float32)[:, None]
+    return matrix, problems
 
 
 def _checked_or_error(value, dim: int):

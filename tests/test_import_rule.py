@@ -24,6 +24,7 @@ BOTTOM = {
     "pipeline.catalog", "pipeline.file_bytes", "pipeline.image_decode", "pipeline.locations",
     "pipeline.postprocess", "pipeline.publish", "pipeline.row_errors", "pipeline.similarity_index",
     "pipeline.ivf", "pipeline.logs", "pipeline.product_ids", "pipeline.run_layout", "pipeline.run_reader",
+    "pipeline.vector_blocks", "pipeline.vectors",
     "pipeline.similarity_search", "pipeline.models", "pipeline.models.autoencoder",
     "pipeline.models.cache", "pipeline.models.efficientnet_lite", "pipeline.models.engines",
     "pipeline.models.raw_pixels", "pipeline.models.registry", "pipeline.models.torch_legacy",

@@ -44,15 +44,27 @@ class CountRows(beam.PTransform):
     """``{category: PCollection}`` → ``(key, count)`` pairs, one per category seen.
 
     The key of a plain category is ``(category,)``; error records are keyed by
-    ``failure_key`` so failures are counted per stage and reason.
+    ``failure_key`` so failures are counted per stage and reason. ``weights``
+    maps a category to a function giving how many rows one element stands for
+    (blocks of rows on the precomputed-vectors path); other elements count 1.
     """
+
+    def __init__(self, weights: dict | None = None):
+        super().__init__()
+        self._weights = dict(weights or {})
 
     def expand(self, categories: dict):
         tagged = []
         for name, rows in sorted(categories.items()):
+            weight = self._weights.get(name)
             if name == FAILED:
-                tagged.append(rows | f"Key{name.title()}" >> beam.Map(failure_key))
+                tagged.append(rows | f"Key{name.title()}" >> beam.Map(
+                    lambda e: (failure_key(e), 1)))
+            elif weight is not None:
+                tagged.append(rows | f"Key{name.title()}" >> beam.Map(
+                    lambda e, k=(name,), w=weight: (k, int(w(e)))))
             else:
-                tagged.append(rows | f"Key{name.title()}" >> beam.Map(lambda _, k=(name,): k))
+                tagged.append(rows | f"Key{name.title()}" >> beam.Map(
+                    lambda _, k=(name,): (k, 1)))
         return (tagged | "AllKeys" >> beam.Flatten()
-                | "Count" >> beam.combiners.Count.PerElement())
+                | "Count" >> beam.CombinePerKey(sum))

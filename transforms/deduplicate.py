@@ -9,10 +9,20 @@ does not depend on worker scheduling.
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import apache_beam as beam
 from apache_beam import pvalue
 
 from pipeline.row_errors import STAGE_READ, error_record
+from pipeline.vector_blocks import (
+    IMAGE,
+    PRODUCT_ID,
+    ROW_NUMBER,
+    RowBlock,
+    keep_first,
+    split_by_bucket,
+)
 from transforms.errors import ERRORS
 
 
@@ -71,4 +81,72 @@ class DeduplicateProductIds(beam.PTransform):
             grouped = ({"rows": keyed, "previous": self._previous}
                        | "JoinPrevious" >> beam.CoGroupByKey())
         return grouped | "KeepFirst" >> beam.ParDo(_KeepFirstFn()).with_outputs(
+            ERRORS, REMOVED, main="rows")
+
+
+class _SplitBlockFn(beam.DoFn):
+    def __init__(self, buckets: int):
+        self._buckets = buckets
+
+    def process(self, block):
+        for bucket, part in split_by_bucket(block.batch, PRODUCT_ID, self._buckets):
+            yield bucket, RowBlock(part)
+
+
+class _KeepFirstBlocksFn(beam.DoFn):
+    def process(self, keyed):
+        _, grouped = keyed
+        if isinstance(grouped, dict):  # joined with the previous run's keys
+            blocks, previous = list(grouped["rows"]), [b.batch for b in grouped["previous"]]
+        else:
+            blocks, previous = list(grouped), None
+        result = keep_first([b.batch for b in blocks], previous)
+        if result.removed:  # in the previous run, no longer in the catalogue
+            yield pvalue.TaggedOutput(REMOVED, result.removed)
+        if result.rows is None:
+            return
+        if result.kept.num_rows:
+            yield RowBlock(result.kept)
+        if not result.duplicates:
+            return
+        ids, numbers, images = (result.rows.column(c).to_pylist()
+                                for c in (PRODUCT_ID, ROW_NUMBER, IMAGE))
+
+        def row(i):
+            return {"product_id": ids[i], "image": images[i], "row_number": numbers[i]}
+
+        for dup, kept, count in result.duplicates:
+            kept_row, dup_row = row(kept), row(dup)
+            yield pvalue.TaggedOutput(ERRORS, error_record(
+                dup_row, STAGE_READ, "duplicate_product_id",
+                f"product_id {ids[kept]!r} appears {count} times in the catalogue; "
+                f"kept {_describe(kept_row)} ({kept_row.get('image')}), dropped "
+                f"{_describe(dup_row)}"))
+
+
+class DeduplicateBlocks(beam.PTransform):
+    """The same rule as :class:`DeduplicateProductIds`, on blocks of rows (vectors path).
+
+    Each block is cut by a hash bucket of the product id and the buckets are
+    grouped, so the shuffle moves ``blocks x buckets`` sub-blocks instead of one
+    element per row; within a bucket the first occurrence wins as row-wise. With
+    ``previous`` — (bucket, block of product_id, sha256, model) of the last good
+    run, cut by the same buckets — kept rows carry that run's sha256 and model,
+    and the ``removed`` output holds lists of ids only the previous run had.
+    """
+
+    def __init__(self, buckets: int, previous=None):
+        super().__init__()
+        self._buckets = buckets
+        self._previous = previous
+
+    def expand(self, blocks):
+        keyed = blocks | "KeyByBucket" >> beam.ParDo(_SplitBlockFn(self._buckets)) \
+            .with_output_types(Tuple[int, RowBlock])
+        if self._previous is None:
+            grouped = keyed | "GroupByBucket" >> beam.GroupByKey()
+        else:
+            grouped = ({"rows": keyed, "previous": self._previous}
+                       | "JoinPrevious" >> beam.CoGroupByKey())
+        return grouped | "KeepFirst" >> beam.ParDo(_KeepFirstBlocksFn()).with_outputs(
             ERRORS, REMOVED, main="rows")

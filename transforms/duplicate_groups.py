@@ -12,6 +12,8 @@ image file), "same_image_bytes": [[ids with identical bytes], ...],
 
 from __future__ import annotations
 
+import zlib
+
 import apache_beam as beam
 
 from pipeline import files
@@ -66,19 +68,56 @@ def group_pairs(pairs) -> list[dict]:
     return sorted(out, key=lambda g: (-g["size"], g["products"][0]))
 
 
-class WriteDuplicateGroups(beam.PTransform):
-    """(feature rows, near-duplicate pairs) → ``duplicates/*.jsonl``; yields the group count."""
+def _sha_buckets(block, buckets: int):
+    """A block of feature rows → (bucket of sha256, (sha256s, product ids)) per bucket."""
+    shas = block.batch.column("sha256").to_pylist()
+    ids = block.batch.column("product_id").to_pylist()
+    parts: dict = {}
+    for sha, pid in zip(shas, ids):
+        part = parts.setdefault(zlib.crc32(str(sha).encode("utf-8")) % buckets, ([], []))
+        part[0].append(sha)
+        part[1].append(pid)
+    return sorted(parts.items())
 
-    def __init__(self, output_dir: str):
+
+def _identical_in_bucket(keyed):
+    """All identical-bytes pairs of one sha256 bucket (same pairs as the row-wise path)."""
+    _, parts = keyed
+    by_sha: dict = {}
+    for shas, ids in parts:
+        for sha, pid in zip(shas, ids):
+            by_sha.setdefault(sha, []).append(pid)
+    for sha in sorted(by_sha, key=str):
+        if len(by_sha[sha]) > 1:
+            yield from _identical_pairs((sha, by_sha[sha]))
+
+
+class WriteDuplicateGroups(beam.PTransform):
+    """(feature rows, near-duplicate pairs) → ``duplicates/*.jsonl``; yields the group count.
+
+    With ``buckets`` > 0 the features are blocks of rows (the precomputed-vectors
+    path): identical sha256s are found per hash bucket of the sha256, so the
+    grouping moves ``blocks x buckets`` lists instead of one element per product.
+    """
+
+    def __init__(self, output_dir: str, buckets: int = 0):
         super().__init__()
         self._path = files.join(output_dir, DUPLICATES_DIR, DUPLICATES_FILE)
+        self._buckets = buckets
 
     def expand(self, inputs):
         features, similar_pairs = inputs
-        identical = (features
-                     | "BySha256" >> beam.Map(lambda f: (f["sha256"], f["product_id"]))
-                     | "GroupSha256" >> beam.GroupByKey()
-                     | "IdenticalPairs" >> beam.FlatMap(_identical_pairs))
+        if self._buckets:
+            buckets = self._buckets
+            identical = (features
+                         | "BySha256" >> beam.FlatMap(_sha_buckets, buckets)
+                         | "GroupSha256" >> beam.GroupByKey()
+                         | "IdenticalPairs" >> beam.FlatMap(_identical_in_bucket))
+        else:
+            identical = (features
+                         | "BySha256" >> beam.Map(lambda f: (f["sha256"], f["product_id"]))
+                         | "GroupSha256" >> beam.GroupByKey()
+                         | "IdenticalPairs" >> beam.FlatMap(_identical_pairs))
         similar = similar_pairs | "MarkSimilar" >> beam.Map(lambda p: (p[0], p[1], p[2], None))
         path = self._path
 

@@ -8,10 +8,6 @@ them.
 
 from __future__ import annotations
 
-# Kept importable here only for transforms/read_vectors.py, which another branch is
-# rewriting; drop these two names once it imports them from pipeline.row_errors.
-from pipeline.row_errors import STAGE_READ, error_record  # noqa: F401
-
 # Tag of the dead-letter output of every DoFn that can fail.
 ERRORS = "errors"
 

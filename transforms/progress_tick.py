@@ -28,10 +28,11 @@ class CountProgressFn(beam.DoFn):
     """
 
     def __init__(self, name: str | None = None, name_of: Callable | None = None,
-                 directory: str | None = None):
+                 directory: str | None = None, weight: Callable | None = None):
         self._name = name
         self._name_of = name_of
         self._directory = directory
+        self._weight = weight  # rows one element stands for (a block of rows); else 1
         self._counters: dict = {}
 
     def setup(self):
@@ -39,11 +40,12 @@ class CountProgressFn(beam.DoFn):
 
     def process(self, element):
         name = self._name if self._name_of is None else self._name_of(element)
-        progress.count(name, directory=self._directory)
+        amount = 1 if self._weight is None else int(self._weight(element))
+        progress.count(name, amount, directory=self._directory)
         counter = self._counters.get(name)
         if counter is None:
             counter = self._counters[name] = Metrics.counter(PROGRESS_NAMESPACE, name)
-        counter.inc()
+        counter.inc(amount)
 
     def finish_bundle(self):
         progress.flush()
@@ -54,9 +56,14 @@ def failed_counter(error: dict) -> str:
     return progress.FAILED_PREFIX + str(error.get("stage", "unknown"))
 
 
-def count_as(name: str) -> beam.ParDo:
-    """A side-branch step counting every element as ``name`` (label it at the call)."""
-    return beam.ParDo(CountProgressFn(name, directory=progress.shared_directory()))
+def count_as(name: str, weight: Callable | None = None) -> beam.ParDo:
+    """A side-branch step counting every element as ``name`` (label it at the call).
+
+    ``weight(element)`` is how many rows an element stands for (a block of rows);
+    without it each element counts 1.
+    """
+    return beam.ParDo(CountProgressFn(name, directory=progress.shared_directory(),
+                                      weight=weight))
 
 
 def count_failures() -> beam.ParDo:

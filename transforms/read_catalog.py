@@ -15,14 +15,7 @@ from typing import Iterator
 import apache_beam as beam
 from apache_beam.io import fileio
 
-# CatalogError and _column_values are importable from here for
-# transforms/read_vectors.py (another branch is rewriting it).
-from pipeline.catalog import (  # noqa: F401
-    CatalogError,
-    CatalogInfo,
-    ManifestRowReader,
-    _column_values,
-)
+from pipeline.catalog import CatalogInfo, ManifestRowReader
 
 
 class ReadManifestRowsFn(ManifestRowReader, beam.DoFn):

@@ -46,6 +46,11 @@ class _ParquetRowWriter:
         if len(self._rows) >= RECORD_BATCH_ROWS:
             self.flush()
 
+    def add_batch(self, batch: pa.RecordBatch) -> None:
+        """Append a whole record batch of feature rows (the vectors path's blocks)."""
+        self.flush()
+        self._writer.write_batch(batch)
+
     def flush(self) -> None:
         if self._rows:
             self._writer.write_batch(pa.RecordBatch.from_pylist(self._rows, schema=self._schema))
@@ -59,18 +64,23 @@ class _ParquetRowWriter:
 class FeatureParquetSink(filebasedsink.FileBasedSink):
     """Beam file sink writing feature rows with per-column Parquet settings."""
 
-    def __init__(self, file_path_prefix: str, schema: pa.Schema, file_name_suffix: str = ""):
+    def __init__(self, file_path_prefix: str, schema: pa.Schema, file_name_suffix: str = "",
+                 blocks: bool = False):
         super().__init__(file_path_prefix, coder=None, file_name_suffix=file_name_suffix,
                          mime_type="application/x-parquet",
                          # Parquet compresses per column chunk, not the whole file.
                          compression_type=CompressionTypes.UNCOMPRESSED)
         self._schema = schema
+        self._blocks = blocks  # values are blocks of rows (``.batch`` in ``schema``)
 
     def open(self, temp_path):
         return _ParquetRowWriter(super().open(temp_path), self._schema)
 
-    def write_record(self, writer: _ParquetRowWriter, value: dict) -> None:
-        writer.add(value)
+    def write_record(self, writer: _ParquetRowWriter, value) -> None:
+        if self._blocks:
+            writer.add_batch(value.batch)
+        else:
+            writer.add(value)
 
     def close(self, writer: _ParquetRowWriter) -> None:
         writer.close()
@@ -78,14 +88,20 @@ class FeatureParquetSink(filebasedsink.FileBasedSink):
 
 
 class WriteFeatures(beam.PTransform):
-    """Feature rows → ``OUT/features/features-SSSSS-of-NNNNN.parquet``; yields the file names."""
+    """Feature rows → ``OUT/features/features-SSSSS-of-NNNNN.parquet``; yields the file names.
 
-    def __init__(self, output_dir: str, schema: pa.Schema):
+    With ``blocks``, each element is a block of feature rows (an Arrow record batch
+    in ``schema``, see :mod:`pipeline.vector_blocks`), written as one batch.
+    """
+
+    def __init__(self, output_dir: str, schema: pa.Schema, blocks: bool = False):
         super().__init__()
+        self._blocks = blocks
         self._prefix = beam.io.filesystems.FileSystems.join(
             output_dir, FEATURES_DIR, FEATURES_PREFIX)
         self._schema = schema
 
     def expand(self, features):
         return features | "WriteParquet" >> beam.io.Write(
-            FeatureParquetSink(self._prefix, self._schema, file_name_suffix=".parquet"))
+            FeatureParquetSink(self._prefix, self._schema, file_name_suffix=".parquet",
+                               blocks=self._blocks))
