@@ -306,8 +306,9 @@ def list_coverage(vectors: np.ndarray, centroids: np.ndarray, k: int,
     *all* the index's vectors (memory-mapped is fine: one exact search of
     ``queries`` rows, ``queries * N * D`` multiply-adds): truth within the
     k-means sample alone is far too pessimistic at scale, as a sample's
-    neighbours are farther apart and spread over more lists (at 1M x 256 it
-    asked for nprobe 48 where the full-catalogue truth needs far fewer).
+    neighbours are farther apart and spread over more lists (catalogue
+    vectors at 500k x 256: the sample's truth asked for nprobe 32, full
+    truth for 20, which measured recall@20 0.9939 and took 94 s instead of 132 s).
     Only the queries and their neighbours are assigned to lists.
     """
     from pipeline import similarity_search
