@@ -17,8 +17,13 @@ def _zipf_sizes(rng, total: int, groups: int) -> np.ndarray:
     return rng.multinomial(total, weights / weights.sum())
 
 
-def catalog_vectors(n: int, dim: int = 256, seed: int = 0):
-    """(vectors [n, dim] float32 unit, categories, product_types, models) for ``n`` products."""
+def catalog_vectors(n: int, dim: int = 256, seed: int = 0, out=None):
+    """(vectors [n, dim] float32 unit, categories, product_types, models) for ``n`` products.
+
+    ``out``: an ``[n, dim]`` float32 array (e.g. a ``.npy`` memmap) to write the
+    vectors into, so a benchmark at 1M x 1280 does not hold them twice; the
+    values are the same either way.
+    """
     rng = np.random.default_rng(seed)
     spectrum = (1.0 + np.arange(dim)) ** -0.5
     n_models = max(1, n // 4)  # ~4 variants per model, Zipf-spread
@@ -31,7 +36,8 @@ def catalog_vectors(n: int, dim: int = 256, seed: int = 0):
     model_c = type_c[type_of_model] + 0.6 * rng.standard_normal((n_models, dim))
     model_of_row = np.repeat(np.arange(n_models), _zipf_sizes(rng, n, n_models))
     rng.shuffle(model_of_row)
-    out = np.empty((n, dim), dtype=np.float32)
+    if out is None:
+        out = np.empty((n, dim), dtype=np.float32)
     for start in range(0, n, 50_000):
         rows = model_of_row[start:start + 50_000]
         x = (model_c[rows] + 0.3 * rng.standard_normal((len(rows), dim))) * spectrum

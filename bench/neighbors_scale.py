@@ -4,6 +4,7 @@ Usage::
 
     python bench/neighbors_scale.py [--sizes 20000,50000,100000,500000] [--dims 1280,256]
                                     [--k 20] [--queries 2000] [--methods exact,annoy,ivf]
+                                    [--data catalog|clustered]
 
 For each (N, D) it writes synthetic clustered unit vectors to a temporary
 ``.npy`` memmap and measures, each phase in its own subprocess so memory
@@ -35,7 +36,10 @@ includes mapped file pages touched). Then it prints a table, per D and
 method the log-log slope of total time against N, and where exact and
 Annoy cross.
 
-The synthetic data are hierarchical clusters, like product categories and
+The synthetic data (``--data``) are by default catalogue-structured
+(``bench/catalog_vectors.py``: categories → product types → models →
+variants, Zipf-like group sizes, a decaying spectrum), the structure that
+sets IVF's ``nprobe``. ``--data clustered`` gives the older hierarchical clusters, like product categories and
 sub-categories: ``N // 2500`` (4..400) category centres, 10 sub-centres per
 category (cosine ~0.7 to their category), points at cosine ~0.55-0.9 to
 their sub-centre (isotropic noise of norm 0.5-1.5 relative to the unit
@@ -101,6 +105,24 @@ def make_clustered(path: str, n: int, dim: int, seed: int) -> None:
         out[start : start + m] = _unit(subs[labels] + noise)
     out.flush()
     del out
+
+
+def make_catalog(path: str, n: int, dim: int, seed: int) -> None:
+    """Write ``n`` catalogue-structured unit vectors (bench/catalog_vectors.py) to ``path``.
+
+    Categories → product types → models → variants, Zipf-like group sizes
+    and a decaying spectrum: a product's top-20 spreads over several models
+    and types, the structure that sets the IVF ``nprobe``.
+    """
+    from bench.catalog_vectors import catalog_vectors
+
+    out = ss.create_vectors(path, n, dim)
+    catalog_vectors(n, dim, seed, out=out)
+    out.flush()
+    del out
+
+
+_DATA = {"catalog": make_catalog, "clustered": make_clustered}
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -234,7 +256,7 @@ def bench_one(n: int, dim: int, args, workdir: str) -> list[dict]:
     """Measure exact and Annoy search for one (N, D); return one table row per method."""
     vec_path = os.path.join(workdir, f"v_{n}_{dim}.npy")
     t0 = time.perf_counter()
-    make_clustered(vec_path, n, dim, seed=n + dim)
+    _DATA[args.data](vec_path, n, dim, seed=n + dim)
     gen_s = time.perf_counter() - t0
     rng = np.random.default_rng(1)
     q = min(args.queries, n)
@@ -275,8 +297,13 @@ def bench_one(n: int, dim: int, args, workdir: str) -> list[dict]:
                         build_maxrss=None, query_anon=res["peak_anon"],
                         query_maxrss=res["maxrss"], extrapolated=False, steal=meter.steal,
                         params=f"nlist={info['nlist']} nprobe={info['nprobe']} "
+                        f"kmeans={info['kmeans_seconds']:.1f}s "
+                        f"calib={info['calibrate_seconds']:.1f}s "
+                        f"assign={info['assign_seconds']:.1f}s "
+                        f"passes={'/'.join(str(p) for p in info['pass_seconds'])}s "
+                        f"kept={info['survivors'] / max(info['similarities'], 1):.2%} "
                         f"largest_list={info['largest_list']} "
-                        f"worker={worker / 2**20:.0f}MiB"))
+                        f"worker={worker / 2**20:.0f}MiB load1={os.getloadavg()[0]:.1f}"))
     os.remove(vec_path)
     return out
 
@@ -386,6 +413,9 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", default=None, help="temp dir for vectors and index")
     parser.add_argument("--methods", default="exact,annoy,ivf",
                         help="comma list of annoy, ivf (exact always runs: it is the truth)")
+    parser.add_argument("--data", choices=sorted(_DATA), default="catalog",
+                        help="synthetic vectors: catalog (bench/catalog_vectors.py, default) "
+                        "or clustered (hierarchical isotropic clusters)")
     parser.add_argument("--nlist", type=int, default=0, help="IVF lists, 0 = default_nlist")
     parser.add_argument("--nprobe", type=int, default=0, help="IVF nprobe, 0 = calibrated")
     # Internal: run one phase (used by the subprocesses).

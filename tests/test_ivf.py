@@ -60,6 +60,56 @@ def test_ties_go_to_lower_row_and_merge_order_does_not_matter():
     assert a.top_k()[0][0].tolist() == [1, 2, 5]
 
 
+def test_order_keys_sort_by_similarity_then_row_and_round_trip():
+    sims = np.array([0.5, -0.25, 0.5, -0.0, 0.0, -np.inf, 1.0, -1.0], np.float32)
+    rows = np.array([7, 3, 2, 9, 4, 1, 8, 0])
+    keys = ivf.order_keys(sims, rows)
+    order = np.argsort(keys)
+    expected = np.lexsort((rows, -sims))  # numpy treats -0.0 == 0.0: row decides
+    assert order.tolist() == expected.tolist()
+    assert ivf.key_rows(keys).tolist() == rows.tolist()
+    np.testing.assert_array_equal(ivf.key_sims(keys), sims + np.float32(0.0))
+    empty = np.array([ivf.EMPTY_KEY], np.uint64)
+    assert ivf.key_rows(empty)[0] == -1 and np.isneginf(ivf.key_sims(empty)[0])
+    assert keys.max() < ivf.EMPTY_KEY
+
+
+def test_running_top_k_is_exact_and_independent_of_block_order():
+    v = clustered(900, 16, seed=4)
+    v = np.concatenate([v, v[:100]])  # exact duplicates: ties across blocks
+    n = len(v)
+    blocks = np.array_split(np.arange(n), 7)
+    results = []
+    for order in ([0, 1, 2, 3, 4, 5, 6], [6, 3, 0, 5, 1, 4, 2]):
+        best = ivf.RunningTopK(n, 15)
+        for b in order:
+            members = blocks[b]
+            for qb in blocks:
+                if qb is members:
+                    best.search(members, v[members], members, v[members], self_block=True)
+                else:
+                    best.search(qb, v[qb], members, v[members])
+        results.append(best.result())
+        assert best.survivors < best.entries / 2  # the threshold really prunes
+    _, exact_sims = similarity_search.exact_top_k(v, v, 15, query_rows=np.arange(n))
+    for a, b in zip(*results):
+        assert a.tobytes() == b.tobytes()
+    rows, sims = results[0]
+    np.testing.assert_allclose(sims, exact_sims, atol=1e-5)
+    # duplicates tie up to float rounding, so check each found row's true similarity
+    true = np.einsum("ij,ikj->ik", v, v[rows])
+    np.testing.assert_allclose(true, sims, atol=1e-5)
+    assert not (rows == np.arange(n)[:, None]).any()
+
+
+def test_ivf_all_knn_is_byte_identical_across_runs():
+    v = clustered(5000, 24, seed=8)
+    a = ivf.ivf_all_knn(v, 10, seed=3)
+    b = ivf.ivf_all_knn(v.copy(), 10, seed=3)
+    assert a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes()
+    assert a[2]["nprobe"] == b[2]["nprobe"] and a[2]["nlist"] > 1
+
+
 def test_search_list_never_returns_the_query_itself():
     v = clustered(50, 8)
     rows, sims = ivf.search_list(np.arange(50), v, np.arange(50), v, 49)

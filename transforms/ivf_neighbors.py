@@ -5,7 +5,8 @@ members and queries in memory):
 
 1. ``TrainIvf`` — per partition index whose search is ``ivf``: read a seeded
    sample of rows from the memory-mapped ``vectors.npy``, train spherical
-   k-means centroids, measure list coverage on the sample and choose
+   k-means centroids, measure list coverage of 1,000 sampled products'
+   exact top-k (exact search over all rows, memory-mapped) and choose
    ``nprobe`` for the recall target (unless ``--nprobe`` is given); save
    ``index/ivf_centroids.npy`` and add ``nlist`` / ``nprobe`` to the
    description.
@@ -89,7 +90,7 @@ class TrainIvfFn(beam.DoFn):
         coverage = {}
         nprobe = self._nprobe
         if not nprobe:
-            coverage = ivf.list_coverage(sample, centroids, min(part["query_k"], n - 1),
+            coverage = ivf.list_coverage(vectors, centroids, min(part["query_k"], n - 1),
                                          seed=self._seed)
             nprobe = ivf.choose_nprobe(coverage, self._target)
         del sample
