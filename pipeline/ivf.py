@@ -19,8 +19,11 @@ tests):
   on the sample reaches the recall target;
 * :func:`assign_lists` — each row's ``nprobe`` nearest lists (the first is
   its own list);
-* :func:`search_list` — one list: its members against every query probing it;
-* :class:`CandidateMerger` — a row range's candidates from all lists → top-k.
+* :func:`own_list_top_k` — round 1, one list: each member's top-k among its
+  list, whose k-th similarity becomes the member's floor;
+* :func:`far_list_top_k` — round 2, one list: the rows probing it from other
+  lists, keeping only entries at or above each one's floor;
+* :func:`merge_keys` — a row range's candidates from all lists → top-k.
 
 Ordering is deterministic: similarity descending, ties by row ascending (rows
 are positions in the id-sorted index, so ties go to the smaller product id),
@@ -55,7 +58,7 @@ CALIBRATION_QUERIES = 1_000
 # search over all rows, so unbiased) must beat the target by this much, to
 # cover the sampling noise of 1,000 queries' 20,000 neighbours.
 CALIBRATION_MARGIN = 0.004
-# Similarity entries per block of search_list (float32): bounds the one
+# Similarity entries per block of RunningTopK.search (float32): bounds the one
 # temporary tile a list's search needs to ~64 MiB whatever the list sizes.
 LIST_TILE_ENTRIES = 16 * 2**20
 
@@ -210,90 +213,51 @@ def _pad_by_row(r: np.ndarray, keys: np.ndarray, n_rows: int, width: int = 0) ->
     return out
 
 
-def search_list(member_rows: np.ndarray, member_vecs: np.ndarray, query_rows: np.ndarray,
-                query_vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` members of one list for each query probing it.
+def merge_keys(local_rows: np.ndarray, keys: np.ndarray, n_rows: int, k: int) -> np.ndarray:
+    """Candidates as (row, :func:`order_keys` key) pairs → each row's best ``k`` keys ``[n_rows, k]``.
 
-    ``member_rows`` must be sorted ascending (then ties among equal
-    similarities go to the lower row, as in exact search). A query that is
-    itself a member never gets itself. Queries are processed in blocks so the
-    similarity tile stays under ``LIST_TILE_ENTRIES`` entries. Returns
-    ``(rows int64 [q, kk], sims float32 [q, kk])`` with ``kk = min(k, m)``;
-    a query's own slot, when it is a member and ``m <= k``, holds row -1 and
-    similarity -inf.
+    ``local_rows`` (int, ``0 <= r < n_rows``) says which row each key is a
+    candidate for; pairs may come in any order and from any number of lists
+    (a product is a member of one list only, so no key arrives twice for a
+    row). Rows with fewer than ``k`` candidates are padded with ``EMPTY_KEY``
+    at the end. The result does not depend on the order of the pairs.
     """
-    m, q = len(member_rows), len(query_rows)
-    kk = int(min(k, m))
-    out_rows = np.empty((q, kk), dtype=np.int64)
-    out_sims = np.empty((q, kk), dtype=np.float32)
-    if q == 0 or kk == 0:
-        return out_rows, out_sims
-    members_t = np.ascontiguousarray(np.asarray(member_vecs, dtype=np.float32).T)
-    # Where each query sits among the members (if it is one), to mask itself.
-    pos = np.searchsorted(member_rows, query_rows)
-    pos_c = np.minimum(pos, m - 1)
-    is_member = member_rows[pos_c] == query_rows
-    step = max(1, LIST_TILE_ENTRIES // max(m, 1))
-    for q0 in range(0, q, step):
-        q1 = min(q, q0 + step)
-        sims = np.asarray(query_vecs[q0:q1], dtype=np.float32) @ members_t
-        own = np.flatnonzero(is_member[q0:q1])
-        sims[own, pos_c[q0:q1][own]] = -np.inf
-        cols = top_columns(sims, kk)
-        vals = np.take_along_axis(sims, cols, axis=1)
-        rows = member_rows[cols]
-        rows[np.isneginf(vals)] = -1
-        out_rows[q0:q1] = rows
-        out_sims[q0:q1] = vals
-    return out_rows, out_sims
+    local_rows = np.asarray(local_rows, dtype=np.int64)
+    keys = np.asarray(keys, dtype=np.uint64)
+    if len(local_rows) and (local_rows.min() < 0 or local_rows.max() >= n_rows):
+        raise ValueError("candidate rows outside the merged range")
+    by_row = np.argsort(local_rows, kind="stable")
+    padded = _pad_by_row(local_rows[by_row], keys[by_row], n_rows, width=k)
+    return _top_keys(padded, k) if k else padded[:, :0]
 
 
-class CandidateMerger:
-    """Collects the per-list candidates of rows ``[start, end)`` and merges them into top-k.
+def own_list_top_k(member_rows: np.ndarray, member_vecs: np.ndarray,
+                   k: int) -> np.ndarray:
+    """Round 1 of the two-round search: each member's best ``k`` other members (keys ``[m, k]``).
 
-    Each list a row probes contributes at most ``k`` candidates; a row
-    probes at most ``nprobe`` lists, and a product is a member of one list
-    only, so no candidate arrives twice. Memory: ``(end - start) * nprobe *
-    k * 12`` bytes. The result does not depend on the order pieces arrive in.
+    ``member_rows`` are the list's rows, ascending. A row's ``k``-th best
+    here (``key_sims(keys[:, -1])``, -inf when the list has ``<= k``
+    members) is the floor its searches of the other probed lists start from.
     """
+    best = RunningTopK(len(member_rows), k)
+    best.search(np.arange(len(member_rows)), member_vecs, np.asarray(member_rows, np.int64),
+                member_vecs, self_block=True)
+    return best.keys
 
-    def __init__(self, start: int, end: int, nprobe: int, k: int):
-        self.start, self.end, self.k, self.nprobe = int(start), int(end), int(k), int(nprobe)
-        n = self.end - self.start
-        self._rows = np.full((n, nprobe * k), -1, dtype=np.int64)
-        self._sims = np.full((n, nprobe * k), -np.inf, dtype=np.float32)
-        self._filled = np.zeros(n, dtype=np.int64)
 
-    def add(self, query_rows: np.ndarray, rows: np.ndarray, sims: np.ndarray) -> None:
-        """Add one list's candidates (``search_list``'s output) for some rows of the range."""
-        if len(query_rows) == 0 or rows.shape[1] == 0:
-            return
-        local = np.asarray(query_rows, dtype=np.int64) - self.start
-        if local.min() < 0 or local.max() >= self.end - self.start:
-            raise ValueError("candidate rows outside this merger's range")
-        kk = rows.shape[1]
-        offset = self._filled[local]
-        if np.any(offset + kk > self._rows.shape[1]):
-            raise ValueError("a row received candidates from more than nprobe lists")
-        cols = offset[:, None] + np.arange(kk)
-        self._rows[local[:, None], cols] = rows
-        self._sims[local[:, None], cols] = sims
-        self._filled[local] += kk
+def far_list_top_k(member_rows: np.ndarray, member_vecs: np.ndarray, query_vecs: np.ndarray,
+                   floor: np.ndarray, k: int) -> np.ndarray:
+    """Round 2: one list's best ``k`` members at or above each query's ``floor`` (keys ``[q, k]``).
 
-    def top_k(self, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Each row's best ``k`` candidates ``(rows [n, k], sims [n, k])``, ties by row.
-
-        Empty slots (fewer than ``k`` candidates found) hold row -1 and
-        similarity -inf at the end of the row.
-        """
-        k = self.k if k is None else int(k)
-        width = min(k, self._rows.shape[1])
-        if width == 0:
-            return (np.empty((len(self._rows), 0), np.int64),
-                    np.empty((len(self._rows), 0), np.float32))
-        rows = np.where(self._rows < 0, 0xFFFFFFFF, self._rows)
-        keys = _top_keys(order_keys(self._sims, rows), width)
-        return key_rows(keys), key_sims(keys)
+    The queries are rows probing this list that are not its members. Only
+    entries at or above the floor (the query's own-list ``k``-th best) can
+    enter its final top-``k``, so almost all are dropped by one comparison;
+    slots left over hold ``EMPTY_KEY``.
+    """
+    best = RunningTopK(len(query_vecs), k, floor=floor)
+    best.search(np.arange(len(query_vecs)), query_vecs, np.asarray(member_rows, np.int64),
+                member_vecs)
+    return best.keys
 
 
 def list_coverage(vectors: np.ndarray, centroids: np.ndarray, k: int,
@@ -353,10 +317,15 @@ class RunningTopK:
     the order blocks arrive in (keys are unique and totally ordered).
     """
 
-    def __init__(self, n: int, k: int):
+    def __init__(self, n: int, k: int, floor: np.ndarray | None = None):
         self.k = int(k)
         self.keys = np.full((n, self.k), EMPTY_KEY, dtype=np.uint64)
-        self.threshold = np.full(n, -np.inf, dtype=np.float32)
+        # floor: a similarity each row's k-th best is already known to reach (the
+        # k-th best of its own list, found in an earlier round); entries below it
+        # can never enter the final top-k, so they are dropped from the start.
+        self.floor = (np.full(n, -np.inf, dtype=np.float32) if floor is None
+                      else np.asarray(floor, dtype=np.float32).copy())
+        self.threshold = self.floor.copy()
         self.survivors = 0  # entries that passed the threshold (profiling)
         self.entries = 0  # similarities computed
 
@@ -401,7 +370,7 @@ class RunningTopK:
         target = rows[hit]
         merged = _top_keys(np.concatenate([self.keys[target], cand], axis=1), self.k)
         self.keys[target] = merged
-        self.threshold[target] = key_sims(merged[:, -1])
+        self.threshold[target] = np.maximum(key_sims(merged[:, -1]), self.floor[target])
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """``(rows int64 [n, k], sims float32 [n, k])``, best first; empty slots -1 / -inf."""
@@ -498,19 +467,15 @@ def ivf_all_knn(vectors: np.ndarray, k: int, nlist: int = 0, nprobe: int = 0, se
     return out_rows, out_sims, info
 
 
-def invert(probes: np.ndarray, nlist: int) -> tuple[list, list]:
-    """Per list: its member rows (column 0 of ``probes``) and the rows probing it, both sorted."""
-    n, p = probes.shape
-    own = probes[:, 0]
-    order = np.argsort(own, kind="stable")
-    bounds = np.searchsorted(own[order], np.arange(nlist + 1))
-    members = [order[bounds[i]:bounds[i + 1]] for i in range(nlist)]
+def rows_by_list(probes: np.ndarray, nlist: int) -> list[np.ndarray]:
+    """Per list: the rows (sorted) with that list in any column of ``probes`` ``[n, p]``."""
+    probes = np.asarray(probes)
+    n, p = probes.shape if probes.ndim == 2 else (len(probes), 1)
     flat = probes.ravel()
-    q_order = np.argsort(flat, kind="stable")  # stable: rows ascending within a list
-    q_rows = q_order // p
-    q_bounds = np.searchsorted(flat[q_order], np.arange(nlist + 1))
-    queries = [q_rows[q_bounds[i]:q_bounds[i + 1]] for i in range(nlist)]
-    return members, queries
+    order = np.argsort(flat, kind="stable")  # stable: rows ascending within a list
+    rows = order // max(p, 1)
+    bounds = np.searchsorted(flat[order], np.arange(nlist + 1))
+    return [rows[bounds[i]:bounds[i + 1]] for i in range(nlist)]
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:

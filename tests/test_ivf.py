@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 pytest.importorskip("faiss")
@@ -46,18 +47,37 @@ def test_ties_go_to_lower_row_and_merge_order_does_not_matter():
     base = clustered(200, 16, seed=5)
     v = np.concatenate([base, base[:50]])  # 50 exact duplicates: ties
     members = np.arange(len(v))
-    sims_rows, sims = ivf.search_list(members, v, members[:60], v[:60], 5)
-    exact_rows, _ = similarity_search.exact_top_k(v[:60], v, 5, query_rows=np.arange(60))
-    assert (sims_rows == exact_rows).all()
-    a = ivf.CandidateMerger(0, 4, 2, 3)
-    b = ivf.CandidateMerger(0, 4, 2, 3)
-    p1 = (np.array([0, 1]), np.array([[5, 6, 7], [8, 9, 3]]), np.full((2, 3), 0.5, np.float32))
-    p2 = (np.array([0, 2]), np.array([[2, 1, 9], [4, 4, 4]]), np.full((2, 3), 0.5, np.float32))
-    a.add(*p1), a.add(*p2)
-    b.add(*p2), b.add(*p1)
-    for x, y in zip(a.top_k(), b.top_k()):
-        assert np.array_equal(x, y)
-    assert a.top_k()[0][0].tolist() == [1, 2, 5]
+    keys = ivf.own_list_top_k(members, v, 5)
+    exact_rows, _ = similarity_search.exact_top_k(v, v, 5, query_rows=members)
+    assert (ivf.key_rows(keys) == exact_rows).all()
+    rows = np.array([0, 1, 0, 2, 2, 2])
+    keys = ivf.order_keys(np.array([0.5, 0.5, 0.5, 0.5, 0.4, 0.5], np.float32),
+                          np.array([5, 8, 2, 4, 3, 1]))
+    a = ivf.merge_keys(rows, keys, 4, 2)
+    shuffled = np.random.default_rng(0).permutation(len(rows))
+    b = ivf.merge_keys(rows[shuffled], keys[shuffled], 4, 2)
+    assert a.tobytes() == b.tobytes()
+    assert ivf.key_rows(a).tolist() == [[2, 5], [8, -1], [1, 4], [-1, -1]]
+
+
+def test_two_rounds_equal_one_search_over_the_probed_lists():
+    """Own list first, then the other lists above each row's floor: the same top-k."""
+    v = clustered(1200, 16, seed=6)
+    lists = ivf.assign_lists(v, ivf.train_centroids(v, 2, seed=0), 1)[:, 0]
+    own = np.flatnonzero(lists == 0)  # "list A"
+    far = np.flatnonzero(lists == 1)  # "list B", probed by A's rows
+    n = len(own)
+    keys = ivf.own_list_top_k(own, v[own], 10)
+    floor = ivf.key_sims(keys[:, -1])
+    far_keys = ivf.far_list_top_k(far, v[far], v[own], floor, 10)
+    found = far_keys != ivf.EMPTY_KEY
+    assert found.sum() < 0.5 * far_keys.size  # the floor really prunes
+    local = np.concatenate([np.repeat(np.arange(n), 10), np.repeat(np.arange(n), found.sum(axis=1))])
+    merged = ivf.merge_keys(local, np.concatenate([keys.ravel(), far_keys[found]]), n, 10)
+    exact_rows, exact_sims = similarity_search.exact_top_k(v[own], v, 10, query_rows=own)
+    np.testing.assert_allclose(ivf.key_sims(merged), exact_sims, atol=1e-5)
+    assert (ivf.key_rows(merged) == exact_rows).mean() > 0.999
+    assert not (ivf.key_rows(merged) == own[:, None]).any()
 
 
 def test_order_keys_sort_by_similarity_then_row_and_round_trip():
@@ -110,10 +130,10 @@ def test_ivf_all_knn_is_byte_identical_across_runs():
     assert a[2]["nprobe"] == b[2]["nprobe"] and a[2]["nlist"] > 1
 
 
-def test_search_list_never_returns_the_query_itself():
+def test_own_list_search_never_returns_the_query_itself():
     v = clustered(50, 8)
-    rows, sims = ivf.search_list(np.arange(50), v, np.arange(50), v, 49)
-    assert not (rows == np.arange(50)[:, None]).any()
+    rows = ivf.key_rows(ivf.own_list_top_k(np.arange(50), v, 49))
+    assert not (rows == np.arange(50)[:, None]).any() and (rows >= 0).all()
 
 
 def test_centroids_are_deterministic():
@@ -187,6 +207,15 @@ def test_beam_ivf_stage_multiprocessing_matches_exact(tmp_path):
     assert all(s["search"] == "ivf" for s in summary)
     measured = sum(s["recall_hits"] for s in summary) / sum(s["recall_wanted"] for s in summary)
     assert measured >= 0.99 and sum(s["recall_sampled"] for s in summary) == 1000
+    # the two-round Beam stage finds what one in-process IVF search finds
+    index = tmp_path / "ivf" / "index"
+    vectors = np.load(index / "vectors.npy")
+    ids = pq.read_table(index / "ids.parquet").column("product_id").to_pylist()
+    rows, _, info = ivf.ivf_all_knn(vectors, 10, seed=7)
+    assert info["nprobe"] == summary[0]["nprobe"] > 1
+    same = sum([n["product_id"] for n in ivf_lines[ids[r]]] == [ids[j] for j in rows[r]]
+               for r in range(len(ids)))
+    assert same >= 0.999 * len(ids)
     # same input and seed → byte-identical neighbours, even on another runner mode
     again_lines, again_bytes, _ = _run_stage(tmp_path / "again", v, "ivf", [])
     assert again_bytes == ivf_bytes

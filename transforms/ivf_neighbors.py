@@ -12,27 +12,39 @@ members and queries in memory):
    description.
 2. ``AssignFn`` — per output shard (a fixed row range): each row's
    ``nprobe`` nearest centroids. Emits, keyed by ``(index_dir, list)``, the
-   row numbers of the shard's members of that list and of its rows probing
-   it (row numbers only: vectors are read back from ``vectors.npy``).
-3. ``GroupByKey`` on the list, then ``SearchListFn``: reads the list's
-   members and queries from the memory-mapped ``vectors.npy``, exact cosine
-   of every query probing the list against its members in one tiled call,
-   and emits each query piece's top-k candidates keyed by its shard.
-4. ``GroupByKey`` on the shard, then ``MergeWriteFn``: merge the candidates
+   row numbers of the shard's members of that list (row numbers only: vectors
+   are read back from ``vectors.npy``), and the shard's probes keyed by shard.
+3. Round 1, ``GroupByKey`` on the list, then ``OwnListFn``: each member's
+   exact top-k among its own list's members. The candidates go to the merge;
+   each row's k-th similarity (its *floor*) goes back to its shard.
+4. ``GroupByKey`` on the shard, then ``RouteQueriesFn``: the shard's rows,
+   with their floors, keyed by each of the other ``nprobe - 1`` lists they
+   probe.
+5. Round 2, ``GroupByKey`` on the list (members and probing rows), then
+   ``FarListFn``: exact cosine of the probing rows against the members, in
+   tiles, keeping only entries at or above a row's floor (at most k per
+   row). An entry below the floor can never enter the row's top-k, so the
+   result is the same as keeping every list's top-k, but ~99 % of entries
+   are dropped by one comparison and few candidates are shuffled on.
+6. ``GroupByKey`` on the shard, then ``MergeWriteFn``: merge the candidates
    of the shard's rows (ties by row), write the shard's ``neighbors/`` and
    flat-pair files exactly like the exact stage, and measure recall on the
    shard's rows of the run's recall sample (exact search against the
    memory-mapped vectors).
 
-Peak memory of one worker (bytes, f = 4): step 3 holds one list's members
-and queries, ``(1 + nprobe) * (N / nlist) * D * f`` for average lists (the
-largest list sets the peak), plus one similarity tile of at most
-``ivf.LIST_TILE_ENTRIES * f`` and its selection temporaries; step 4 holds one
-shard's candidates, ``rows_per_shard * nprobe * query_k * 12``; step 1 the
-sample, ``40 * nlist * D * f``. Bytes shuffled: ``(1 + nprobe) * N * 8``
-(row numbers) into step 3 and ``N * nprobe * query_k * 12`` into step 4;
-each worker reads ``vectors.npy`` (``N * D * f``, copied once to its local disk
-from an object store) by pages, never into memory as a whole.
+Peak memory of one worker (bytes, f = 4): step 5 holds one list's members
+and the rows probing it, ``nprobe * (N / nlist) * D * f`` for average lists
+(the largest list sets the peak), plus one similarity tile of at most
+``ivf.LIST_TILE_ENTRIES * f`` and the running top-k of the probing rows
+(``nprobe * N / nlist * query_k * 8``); step 3 one list and its members'
+top-k; step 6 one shard's candidates, about ``rows_per_shard * 2 * query_k
+* 12``; step 1 the sample, ``40 * nlist * D * f``. Bytes shuffled: ``N * 8``
+(member rows) into steps 3 and 5, ``N * nprobe * 4`` (probes) plus ``N *
+12`` (floors) into step 4, ``N * (nprobe - 1) * 12`` into step 5, and ``N
+* query_k * 8`` plus the round-2 survivors into step 6 (instead of ``N *
+nprobe * query_k * 12`` when every list sent its top-k). Each worker reads
+``vectors.npy`` (``N * D * f``, copied once to its local disk from an object
+store) by pages, never into memory as a whole.
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ import hashlib
 import os
 import tempfile
 import time
+from typing import Any, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -103,77 +116,157 @@ class TrainIvfFn(beam.DoFn):
                    ivf_train_seconds=round(time.time() - started, 3))
 
 
-class AssignFn(beam.DoFn):
-    """One shard (row range) → per list: its members there and its rows probing the list."""
+# Tags of the stage's side outputs.
+PROBES = "probes"
+FLOORS = "floors"
+
+
+class _IndexFiles:
+    """The memory-mapped vectors (and centroids) of the last index a worker used."""
 
     def __init__(self):
         self._cache: dict = {}
 
-    def _load(self, index_dir):
-        if index_dir not in self._cache:
+    def get(self, index_dir: str, centroids: bool = False):
+        key = (index_dir, centroids)
+        if key not in self._cache:
             local = _local_dir(index_dir)
-            self._cache = {index_dir: (
-                similarity_search.load_vectors(os.path.join(local, VECTORS_FILE), mmap=True),
-                np.load(os.path.join(local, CENTROIDS_FILE), allow_pickle=False))}
-        return self._cache[index_dir]
+            vectors = similarity_search.load_vectors(os.path.join(local, VECTORS_FILE),
+                                                     mmap=True)
+            self._cache = {key: (vectors, np.load(os.path.join(local, CENTROIDS_FILE),
+                                                  allow_pickle=False) if centroids else None)}
+        return self._cache[key]
+
+
+def _k_out(piece: dict) -> int:
+    """Neighbours kept per row: ``query_k``, or every other row of a smaller partition."""
+    return int(max(0, min(piece["query_k"], piece["count"] - 1)))
+
+
+class AssignFn(beam.DoFn):
+    """One shard (row range) → its members of each list, and its rows' probes.
+
+    Main output, keyed by ``(index_dir, list)``: the shard's member rows of
+    that list (row numbers only: a list's worker reads the vectors from the
+    memory-mapped index, so the shuffle carries 8 bytes per row, not D
+    floats). ``probes`` output, keyed by shard: each row's ``nprobe``
+    nearest lists, nearest (its own) first.
+    """
+
+    def __init__(self):
+        self._files = _IndexFiles()
 
     def process(self, work: dict):
         start, end = work["start"], work["end"]
         if end <= start:
             return
-        vectors, centroids = self._load(work["index_dir"])
+        vectors, centroids = self._files.get(work["index_dir"], centroids=True)
         probes = ivf.assign_lists(vectors[start:end], centroids, work["nprobe"])
-        members, queries = ivf.invert(probes, len(centroids))
-        # Row numbers only: the list's worker reads the vectors from the memory-mapped
-        # index, so the shuffle carries 8 bytes per (row, list) instead of D floats.
         piece = _piece_work(work)
-        for lst in range(len(centroids)):
-            m, q = members[lst], queries[lst]
-            if len(m):
-                yield (work["index_dir"], lst), ("m", (m + start).astype(np.int64), None)
-            if len(q):
-                yield (work["index_dir"], lst), ("q", (q + start).astype(np.int64), piece)
+        for lst, rows in enumerate(ivf.rows_by_list(probes[:, 0], len(centroids))):
+            if len(rows):
+                yield (work["index_dir"], lst), ("m", (rows + start).astype(np.int64), piece)
+        yield beam.pvalue.TaggedOutput(PROBES, (work["shard"], ("probes", piece, probes)))
 
 
-class SearchListFn(beam.DoFn):
-    """One list's member and query rows → each query piece's top-k candidates, keyed by shard.
+class OwnListFn(beam.DoFn):
+    """Round 1, one list's members → each member's top-k within its own list.
 
-    All queries probing the list are searched in one call (tiled inside
-    :func:`ivf.search_list`), whatever shard they come from, then split back
-    into the shards' pieces; vectors come from the memory-mapped index.
+    Main output, keyed by shard: ``("own", rows, keys [r, k])`` candidates
+    for the merge; ``floors`` output, keyed by shard: each row's k-th best
+    similarity so far, which its searches of the other lists start from.
     """
 
     def __init__(self):
-        self._cache: dict = {}
+        self._files = _IndexFiles()
 
-    def _vectors(self, index_dir):
-        if index_dir not in self._cache:
-            self._cache = {index_dir: similarity_search.load_vectors(
-                os.path.join(_local_dir(index_dir), VECTORS_FILE), mmap=True)}
-        return self._cache[index_dir]
+    def process(self, element):
+        (index_dir, _), pieces = element
+        # arrival order must not matter
+        pieces = sorted(pieces, key=lambda piece: piece[2]["shard"])
+        if not pieces:
+            return
+        rows = np.concatenate([r for _, r, _ in pieces])
+        order = np.argsort(rows, kind="stable")
+        rows = rows[order]
+        vectors, _ = self._files.get(index_dir)
+        keys = ivf.own_list_top_k(rows, np.asarray(vectors[rows], dtype=np.float32),
+                                  _k_out(pieces[0][2]))
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))  # piece order → sorted position
+        floor = (ivf.key_sims(keys[:, -1]) if keys.shape[1]
+                 else np.full(len(rows), np.inf, dtype=np.float32))
+        at = 0
+        for _, piece_rows, piece in pieces:
+            where = back[at:at + len(piece_rows)]
+            at += len(piece_rows)
+            yield piece["shard"], ("own", piece, rows[where], keys[where])
+            yield beam.pvalue.TaggedOutput(FLOORS, (piece["shard"],
+                                                    ("floor", rows[where], floor[where])))
+
+
+class RouteQueriesFn(beam.DoFn):
+    """One shard's probes and floors → per other list it probes: those rows and their floors."""
+
+    def process(self, element):
+        _, items = element
+        probes = piece = None
+        floor_rows, floors = [], []
+        for item in items:
+            if item[0] == "probes":
+                _, piece, probes = item
+            else:
+                floor_rows.append(item[1])
+                floors.append(item[2])
+        if piece is None or probes.shape[1] < 2:
+            return
+        start = piece["start"]
+        floor = np.full(piece["end"] - start, -np.inf, dtype=np.float32)
+        if floor_rows:
+            floor[np.concatenate(floor_rows) - start] = np.concatenate(floors)
+        for lst, local in enumerate(ivf.rows_by_list(probes[:, 1:], piece["nlist"])):
+            if len(local):
+                yield ((piece["index_dir"], lst),
+                       ("q", (local + start).astype(np.int64), floor[local], piece))
+
+
+class FarListFn(beam.DoFn):
+    """Round 2, one list's members and the rows of other lists probing it → their candidates.
+
+    Only entries at or above a query's floor are kept, at most k per query;
+    emitted keyed by the query's shard as ``("far", rows, keys)`` pairs.
+    """
+
+    def __init__(self):
+        self._files = _IndexFiles()
 
     def process(self, element):
         (index_dir, _), pieces = element
         members, queries = [], []
-        for kind, rows, work in pieces:
-            (members if kind == "m" else queries).append((rows, work))
+        for piece in pieces:
+            (members if piece[0] == "m" else queries).append(piece)
         if not members or not queries:
             return
-        rows = np.sort(np.concatenate([r for r, _ in members]))  # arrival order must not matter
-        queries.sort(key=lambda piece: piece[1]["shard"])
-        q_rows = np.concatenate([r for r, _ in queries])
-        vectors = self._vectors(index_dir)
-        found, sims = ivf.search_list(rows, vectors[rows], q_rows, vectors[q_rows],
-                                      queries[0][1]["query_k"])
+        rows = np.sort(np.concatenate([p[1] for p in members]))  # arrival order must not matter
+        queries.sort(key=lambda p: p[3]["shard"])
+        q_rows = np.concatenate([p[1] for p in queries])
+        floor = np.concatenate([p[2] for p in queries])
+        vectors, _ = self._files.get(index_dir)
+        keys = ivf.far_list_top_k(rows, np.asarray(vectors[rows], dtype=np.float32),
+                                  np.asarray(vectors[q_rows], dtype=np.float32), floor,
+                                  _k_out(queries[0][3]))
         at = 0
-        for piece_rows, work in queries:
-            end = at + len(piece_rows)
-            yield work["shard"], (work, piece_rows, found[at:end], sims[at:end])
-            at = end
+        for _, piece_rows, _, piece in queries:
+            piece_keys = keys[at:at + len(piece_rows)]
+            at += len(piece_rows)
+            found = piece_keys != ivf.EMPTY_KEY
+            if found.any():
+                yield piece["shard"], ("far", None, np.repeat(piece_rows, found.sum(axis=1)),
+                                       piece_keys[found])
 
 
 def _piece_work(work: dict) -> dict:
-    """The keys of a shard's work item that the list search and the merge need."""
+    """The keys of a shard's work item that the list searches and the merge need."""
     keep = ("index_dir", "partition", "count", "dim", "search", "query_k", "nprobe", "nlist",
             "start", "end", "shard", "n_shards", "files", "model")
     return {key: work[key] for key in keep if key in work}
@@ -188,16 +281,23 @@ class MergeWriteFn(beam.DoFn):
         self._seed = seed
 
     def process(self, element):
-        _, pieces = element
-        pieces = list(pieces)
+        _, items = element
         started = time.time()
-        work = pieces[0][0]
-        merger = ivf.CandidateMerger(work["start"], work["end"], work["nprobe"],
-                                     work["query_k"])
-        for _, q_rows, found, sims in pieces:
-            merger.add(q_rows, found, sims)
-        k_out = min(work["query_k"], work["count"] - 1)
-        indices, sims = merger.top_k(k_out)
+        work = None
+        local, keys = [], []
+        for kind, piece, rows, piece_keys in items:
+            if kind == "own":
+                work = piece
+                found = piece_keys != ivf.EMPTY_KEY
+                rows, piece_keys = np.repeat(rows, found.sum(axis=1)), piece_keys[found]
+            local.append(rows)
+            keys.append(piece_keys)
+        if work is None:
+            raise ValueError("a shard received list candidates but none of its own rows")
+        k_out = _k_out(work)
+        top = ivf.merge_keys(np.concatenate(local) - work["start"], np.concatenate(keys),
+                             work["end"] - work["start"], k_out)
+        indices, sims = ivf.key_rows(top), ivf.key_sims(top)
         index = self._writer._index(dict(work, files={"annoy": None}))
         sample = recall_rows(work["count"], self._seed)
         sample = sample[(sample >= work["start"]) & (sample < work["end"])]
@@ -215,10 +315,23 @@ class IvfNeighbors(beam.PTransform):
         self._merge = MergeWriteFn(output_dir, top_k, min_similarity, duplicate_threshold, seed)
 
     def expand(self, work):
-        return (work
-                | "Assign" >> beam.ParDo(AssignFn())
-                | "GroupByList" >> beam.GroupByKey()
-                | "SearchLists" >> beam.ParDo(SearchListFn())
+        keyed = Tuple[Any, Any]  # the DoFns' mixed yields defeat Beam's type inference
+        assigned = work | "Assign" >> beam.ParDo(AssignFn()).with_output_types(
+            keyed).with_outputs(PROBES, main="members")
+        own = (assigned.members
+               | "GroupOwnLists" >> beam.GroupByKey()
+               | "SearchOwnLists" >> beam.ParDo(OwnListFn()).with_output_types(keyed).with_outputs(
+                   FLOORS, main="own"))
+        queries = ((assigned[PROBES], own[FLOORS])
+                   | "ProbesAndFloors" >> beam.Flatten()
+                   | "GroupByShardToRoute" >> beam.GroupByKey()
+                   | "RouteQueries" >> beam.ParDo(RouteQueriesFn()).with_output_types(keyed))
+        far = ((assigned.members, queries)
+               | "MembersAndQueries" >> beam.Flatten()
+               | "GroupFarLists" >> beam.GroupByKey()
+               | "SearchFarLists" >> beam.ParDo(FarListFn()).with_output_types(keyed))
+        return ((own.own, far)
+                | "AllCandidates" >> beam.Flatten()
                 | "GroupByShard" >> beam.GroupByKey()
                 | "MergeWrite" >> beam.ParDo(self._merge).with_outputs(NEAR_DUPLICATES,
                                                                        main="shards"))
