@@ -107,7 +107,12 @@ class BeamPortableServices:
         self.log_dir = Path(log_dir)
         self.python = python
         self.worker_cwd = worker_cwd
-        self.worker_env = worker_env if worker_env is not None else repo_env()
+        self.worker_env = dict(worker_env if worker_env is not None else repo_env())
+        # The pool starts each worker as a bare ``python`` found on PATH, not as its own
+        # interpreter: put that interpreter's directory first, so workers run it too.
+        bin_dir = os.path.dirname(python)
+        self.worker_env["PATH"] = os.pathsep.join(
+            [bin_dir] + [d for d in self.worker_env.get("PATH", "").split(os.pathsep) if d])
         self.job_env = job_env if job_env is not None else repo_env()
         self.processes: list[subprocess.Popen] = []
         self.job_port = self.worker_port = None

@@ -130,6 +130,8 @@ def test_worker_installed_only_from_the_setup_file_sdist(tmp_path):
     run(common + [f"--output={tmp_path / 'direct'}"])
     with BeamPortableServices(tmp_path / "services", python=str(python), worker_cwd=outside,
                               worker_env=env) as services:
+        # The pool starts workers as the ``python`` on its PATH: it must be the venv's.
+        assert shutil.which("python", path=services.worker_env["PATH"]) == str(python)
         run(common + [f"--output={tmp_path / 'portable'}"] + services.pipeline_args())
     assert_same_outputs(tmp_path / "direct" / "runs" / "r1",
                         tmp_path / "portable" / "runs" / "r1")
