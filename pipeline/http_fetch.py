@@ -503,8 +503,6 @@ class HttpFetcher:
         request is conditional: an unchanged image answers 304 (``status``
         304, empty ``data``), so a nightly run does not download it again.
         """
-        if self._closed.is_set():
-            raise FetchError("cancelled", f"the download of {redact_location(url)} was cancelled: the run is stopping")
         conditional = {}
         if etag and _header_safe(etag):
             conditional["If-None-Match"] = etag
@@ -512,6 +510,11 @@ class HttpFetcher:
             conditional["If-Modified-Since"] = last_modified
         guard = _Guard(time.monotonic() + self.config.total_timeout)
         with self._lock:
+            # Checked under the lock cancel() takes to collect guards: a cancel either
+            # sees this guard (and trips it) or happened first (and is seen here).
+            if self._closed.is_set():
+                raise FetchError("cancelled",
+                                 f"the download of {redact_location(url)} was cancelled: the run is stopping")
             self._guards.add(guard)
         _WATCHDOG.arm(guard)
         try:

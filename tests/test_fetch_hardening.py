@@ -116,7 +116,10 @@ def test_cancel_ends_a_fetch_in_flight_at_once(http_server):
 
 
 SIGINT_CHILD = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    # A shell's background job inherits SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: set it, so the test checks the fetches, not the caller's shell.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from apache_beam.transforms.window import GlobalWindow
     from apache_beam.utils.timestamp import MIN_TIMESTAMP
     from pipeline.http_fetch import FetchConfig
