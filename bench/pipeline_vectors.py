@@ -1,13 +1,16 @@
 """Whole ``pipeline.run`` on precomputed vectors against exact search alone, one run.
 
     python bench/pipeline_vectors.py [--n 100000] [--dim 256] [--search auto|exact|annoy]
-                                     [--queries 2000]
+                                     [--queries 2000] [--workers 1]
 
 Writes a catalogue-structured Parquet manifest (bench/catalog_vectors.py), runs
 ``python -m pipeline.run --input=… --embedding_column=embedding`` in a subprocess
 (wall time including Beam start-up, index build and all writes), then times
 ``exact_top_k`` for a sample of query rows over all rows, extrapolated to N (cost
 per query ∝ N), and prints the ratio with CPU steal of each phase.
+``--workers W`` (W > 1) runs DirectRunner in multi-processing mode with W
+worker processes, as ``python -m runners.direct`` does; 1 is one in-memory
+process, ``pipeline.run``'s default.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ def main(argv=None) -> int:
     parser.add_argument("--search", default="auto")
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--top_k", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="DirectRunner worker processes (>1: multi_processing mode)")
     args = parser.parse_args(argv)
     vecs, cats, types, models = catalog_vectors(args.n, args.dim)
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,14 +56,17 @@ def main(argv=None) -> int:
         with StealMeter() as whole:
             subprocess.run([sys.executable, "-m", "pipeline.run", f"--input={path}",
                             f"--output={tmp}/out", "--embedding_column=embedding",
-                            f"--search={args.search}", f"--top_k={args.top_k}"],
+                            f"--search={args.search}", f"--top_k={args.top_k}"]
+                           + ([f"--direct_num_workers={args.workers}",
+                               "--direct_running_mode=multi_processing"]
+                              if args.workers > 1 else []),
                            check=True, stdout=subprocess.DEVNULL)
         rng = np.random.default_rng(1)
         rows = np.sort(rng.choice(args.n, size=min(args.queries, args.n), replace=False))
         with StealMeter() as exact:
             ss.exact_top_k(vecs[rows], vecs, args.top_k, query_rows=rows)
         exact_all = exact.seconds * args.n / len(rows)
-    print(f"N={args.n} D={args.dim} search={args.search}")
+    print(f"N={args.n} D={args.dim} search={args.search} workers={args.workers}")
     print(f"pipeline.run whole wall: {whole.seconds:.1f} s{whole.label()}")
     print(f"exact search alone: {exact_all:.1f} s (extrapolated from {len(rows)} queries, "
           f"{exact.seconds:.2f} s{exact.label()})")
