@@ -30,6 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.catalog_vectors import catalog_vectors  # noqa: E402
 from bench.cpu_steal import StealMeter  # noqa: E402
 from pipeline import similarity_search as ss  # noqa: E402
+from pipeline.publish import resolve_run  # noqa: E402
+from pipeline.run_reader import read_manifest  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -61,6 +63,7 @@ def main(argv=None) -> int:
                                "--direct_running_mode=multi_processing"]
                               if args.workers > 1 else []),
                            check=True, stdout=subprocess.DEVNULL)
+        manifest = read_manifest(resolve_run(f"{tmp}/out")) or {}
         rng = np.random.default_rng(1)
         rows = np.sort(rng.choice(args.n, size=min(args.queries, args.n), replace=False))
         with StealMeter() as exact:
@@ -68,6 +71,10 @@ def main(argv=None) -> int:
         exact_all = exact.seconds * args.n / len(rows)
     print(f"N={args.n} D={args.dim} search={args.search} workers={args.workers}")
     print(f"pipeline.run whole wall: {whole.seconds:.1f} s{whole.label()}")
+    summary = manifest.get("timings", {})
+    print("  from the run's manifest: " + ", ".join(
+        f"{key} {summary.get(key)}" for key in (
+            "wall_seconds", "index_build_seconds", "annoy_build_seconds", "query_seconds_total")))
     print(f"exact search alone: {exact_all:.1f} s (extrapolated from {len(rows)} queries, "
           f"{exact.seconds:.2f} s{exact.label()})")
     print(f"ratio exact alone / whole run: {exact_all / whole.seconds:.2f}x")

@@ -10,7 +10,29 @@ parent (``similarity_search.build_annoy_index``) reports it as ENOSPC.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to kill this process when its parent ends (elsewhere: nothing).
+
+    A run that stops (a failed stage, a signal) while the forest builds must not
+    leave the build running on; the parent's pid is checked after the request, in
+    case the parent ended before it.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux, or no prctl
+        return
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def main(argv: list[str]) -> int:
@@ -24,4 +46,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    if os.environ.get("SIMILARITY_ANNOY_PARENT"):
+        die_with_parent(int(os.environ["SIMILARITY_ANNOY_PARENT"]))
     sys.exit(main(sys.argv[1:]))

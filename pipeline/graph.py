@@ -68,6 +68,9 @@ class RunConfig:
     nprobe: int = 0  # IVF lists probed per product (0: chosen for recall_target)
     recall_target: float = 0.99  # recall@k the IVF settings aim at; runs below it warn
     quality: Recipe = PROFILES["fast"]  # per-catalogue post-processing of the search space
+    # Build the Annoy forests in threads while the queries run (one-process local runner only:
+    # the stage that waits must run in the process that started them).
+    annoy_in_background: bool = False
 
 
 def build_graph(p: beam.Pipeline, config: RunConfig):
@@ -162,17 +165,20 @@ def _build(p, config, rows, valid, unique, has_previous, new_features, reused, s
         shards = p | "NoShards" >> beam.Create([])
         written.append(feature_files)
     else:
-        built = feature_files | "BuildIndex" >> BuildIndex(
+        background = config.annoy_in_background and config.search != "annoy"
+        build_index = BuildIndex(
             config.output, config.model.model_id, config.top_k, config.search,
             config.n_trees, config.search_k, config.seed, config.partition_by,
-            config.exclude_same, config.pca_dim, config.quality)
-        index = built["built"]
+            config.exclude_same, config.pca_dim, config.quality, background=background)
+        built = feature_files | "BuildIndex" >> build_index
         # Only an Annoy search waits for the forest; exact and IVF queries start from the
         # planned settings, so the Annoy build is off their critical path.
-        queried = (index if config.search == "annoy" else built["planned"]) | (
+        queried = (built["built"] if config.search == "annoy" else built["planned"]) | (
             "QueryNeighbors" >> QueryNeighbors(
                 config.output, config.top_k, config.min_similarity, config.duplicate_threshold,
                 config.nlist, config.nprobe, config.seed, config.recall_target))
+        index = (build_index.await_built(built["planned"], queried["shards"])
+                 if background else built["built"])
         groups = ((features, queried[NEAR_DUPLICATES])
                   | "DuplicateGroups" >> WriteDuplicateGroups(config.output, buckets))
         shards = queried["shards"]

@@ -264,7 +264,9 @@ def make_config(options: PipelineOptions) -> RunConfig:
                      min_similarity=opts.min_similarity,
                      duplicate_threshold=opts.duplicate_threshold, pca_dim=opts.pca_dim,
                      model_lanes=lanes, nlist=opts.nlist, nprobe=opts.nprobe,
-                     recall_target=opts.recall_target, quality=quality_recipe(opts))
+                     recall_target=opts.recall_target, quality=quality_recipe(opts),
+                     annoy_in_background=is_direct(options) and options.view_as(
+                         DirectOptions).direct_running_mode != "multi_processing")
 
 
 def _phase_line(phases: dict) -> str | None:

@@ -254,7 +254,8 @@ def _build_in_child(vectors, path: str, tmp_path: str, n_trees: int, seed: int) 
         done = subprocess.run(
             [sys.executable, "-m", "pipeline.annoy_child", source, tmp_path, str(int(n_trees)),
              str(int(seed))], capture_output=True, text=True, check=False,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            env=dict(os.environ, SIMILARITY_ANNOY_PARENT=str(os.getpid())))
     finally:
         if staged is not None and os.path.exists(staged):
             os.unlink(staged)

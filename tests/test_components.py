@@ -79,6 +79,57 @@ def test_index_and_neighbour_stages_give_each_product_its_twin_first(tmp_path):
     assert meta["count"] == len(ids)
 
 
+def _build_descriptions(out: str, path: str, background: bool) -> list[dict]:
+    """Run the index and neighbour stages; the index descriptions the manifest would get."""
+    saved = os.path.join(out, "descriptions")
+    os.makedirs(saved, exist_ok=True)
+    with TestPipeline() as p:
+        stage = BuildIndex(out, MODEL_ID, top_k=3, search="exact", n_trees=4,
+                           background=background)
+        built = p | beam.Create([path]) | stage
+        queried = built["planned"] | QueryNeighbors(out, 3)
+        index = (stage.await_built(built["planned"], queried["shards"]) if background
+                 else built["built"])
+        _ = index | beam.Map(_save_description, saved)
+    return [json.loads(open(os.path.join(saved, name)).read()) for name in os.listdir(saved)]
+
+
+def _save_description(description: dict, directory: str) -> None:
+    with open(os.path.join(directory, f"{description['partition'] or 'all'}.json"), "w") as f:
+        json.dump(description, f)
+
+
+def test_background_annoy_build_gives_the_same_index_and_description(tmp_path):
+    ids, vectors = _pairs_of_twins(6)
+    results = {}
+    for background in (False, True):
+        out = str(tmp_path / f"background-{background}")
+        path = _write_features(out, ids, vectors)
+        [description] = _build_descriptions(out, path, background)
+        index_dir = os.path.join(out, run_layout.INDEX_DIR)
+        annoy = open(os.path.join(index_dir, run_layout.ANNOY_FILE), "rb").read()
+        timings = ("build_seconds", "annoy_build_seconds")
+        assert all(description[key] >= 0 for key in timings)
+        results[background] = ({k: v for k, v in description.items()
+                                if k not in timings + ("index_dir",)}, annoy,
+                               run_reader.read_neighbor_lists(out))
+    assert results[True] == results[False]
+
+
+def test_a_failing_background_annoy_build_fails_the_run(tmp_path, monkeypatch):
+    from pipeline import similarity_search
+
+    def no_space(*_args, **_kwargs):
+        raise OSError(28, "No space left on device (test)")
+
+    monkeypatch.setattr(similarity_search, "build_annoy_index", no_space)
+    out = str(tmp_path)
+    ids, vectors = _pairs_of_twins(3)
+    path = _write_features(out, ids, vectors)
+    with pytest.raises(Exception, match="No space left on device"):
+        _build_descriptions(out, path, background=True)
+
+
 def test_index_stage_refuses_features_of_another_model(tmp_path):
     out = str(tmp_path)
     ids, vectors = _pairs_of_twins(2)

@@ -19,6 +19,7 @@ import hashlib
 import os
 import re
 import tempfile
+import threading
 import time
 
 import apache_beam as beam
@@ -190,6 +191,11 @@ class BuildAnnoyFn(beam.DoFn):
                            "ids": IDS_FILE})
 
     def process(self, part: dict):
+        """Build the forest and write meta.json; yields the partition's description."""
+        yield self.build(part)
+
+    def build(self, part: dict) -> dict:
+        """The work of :meth:`process`, callable from a background thread."""
         started = time.time()
         planned = part if "search" in part else self.plan(part)
         n, dim = planned["count"], planned["dim"]
@@ -222,7 +228,74 @@ class BuildAnnoyFn(beam.DoFn):
             "annoy_build_seconds": round(annoy_seconds, 3),
         }
         files.write_json(files.join(part["index_dir"], META_FILE), meta)
-        yield dict(meta, index_dir=part["index_dir"])
+        return dict(meta, index_dir=part["index_dir"])
+
+
+class _BackgroundBuild:
+    """One Annoy build running in a thread of this process; its description or its error."""
+
+    def __init__(self, build: BuildAnnoyFn, part: dict):
+        self.description: dict | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(build, part),
+                                        name="annoy-build", daemon=True)
+        self._thread.start()
+
+    def _run(self, build: BuildAnnoyFn, part: dict) -> None:
+        try:
+            self.description = build.build(part)
+        except BaseException as exc:  # re-raised in the stage that waits for it
+            self.error = exc
+
+    def wait(self) -> dict:
+        """Block until the build ends; its description, or its exception raised here."""
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.description is not None
+        return self.description
+
+
+# Builds started by StartAnnoyFn in this process, by index directory. Only used on
+# Beam's in-memory DirectRunner, where the stage that waits runs in the same process.
+_BACKGROUND: dict[str, _BackgroundBuild] = {}
+_BACKGROUND_LOCK = threading.Lock()
+
+
+class StartAnnoyFn(beam.DoFn):
+    """Start a partition's Annoy build in a background thread; yields its plan at once.
+
+    Beam's local runner runs one stage at a time, so a forest built inside its
+    stage adds its whole build time to the run even though no neighbour query
+    needs it (on a distributed runner the build is a parallel branch). Annoy
+    releases the GIL while it builds, so a thread lets the build use the
+    machine's other core while the queries run; :class:`AwaitAnnoyFn` collects it.
+    """
+
+    def __init__(self, build: BuildAnnoyFn):
+        self._build = build
+
+    def process(self, part: dict):
+        with _BACKGROUND_LOCK:
+            _BACKGROUND[part["index_dir"]] = _BackgroundBuild(self._build, part)
+        yield part
+
+
+class AwaitAnnoyFn(beam.DoFn):
+    """Wait for a background build (started in this process) and yield its description.
+
+    Side inputs (the neighbour shards) make this stage run after the queries.
+    A build this process did not start (a worker that did not run the start)
+    is run here, so the description is never missing.
+    """
+
+    def __init__(self, build: BuildAnnoyFn):
+        self._build = build
+
+    def process(self, part: dict, *_after):
+        with _BACKGROUND_LOCK:
+            running = _BACKGROUND.pop(part["index_dir"], None)
+        yield running.wait() if running is not None else self._build.build(part)
 
 
 class BuildIndex(beam.PTransform):
@@ -231,8 +304,10 @@ class BuildIndex(beam.PTransform):
     def __init__(self, output_dir: str, model_id: str, top_k: int, search: str = "auto",
                  n_trees: int = 0, search_k: int = 0, seed: int = 42,
                  partition_column: str | None = None, exclude_column: str | None = None,
-                 pca_dim: int = 0, quality: Recipe = PROFILES["fast"]):
+                 pca_dim: int = 0, quality: Recipe = PROFILES["fast"],
+                 background: bool = False):
         super().__init__()
+        self._background = background
         self._split = SplitPartitionsFn(output_dir, model_id, partition_column, exclude_column,
                                         pca_dim, quality)
         self._build = BuildAnnoyFn(top_k, search, n_trees, search_k, seed)
@@ -242,7 +317,9 @@ class BuildIndex(beam.PTransform):
         """Returns ``{"planned": …, "built": …}``: the partitions' search settings as soon as
         their vectors are written (the neighbour queries start from these), and the
         descriptions after each Annoy forest is built (the artefact for new-image look-ups,
-        off the neighbours' critical path unless the search itself is Annoy)."""
+        off the neighbours' critical path unless the search itself is Annoy). With
+        ``background`` (Beam's in-memory local runner), "built" is None: the forests build
+        in threads started in "planned", and :meth:`await_built` collects them."""
         # Once, with every shard name as a side input: the split starts when the
         # feature files are final.
         parts = (feature_paths.pipeline
@@ -252,4 +329,12 @@ class BuildIndex(beam.PTransform):
         if self._partitioned:  # one Annoy build per partition, spread over the workers
             parts = parts | "SpreadPartitions" >> beam.Reshuffle()
         planned = parts | "PlanSearch" >> beam.Map(self._build.plan)
+        if self._background:
+            started = planned | "StartAnnoy" >> beam.ParDo(StartAnnoyFn(self._build))
+            return {"planned": started, "built": None}
         return {"planned": planned, "built": planned | "BuildAnnoy" >> beam.ParDo(self._build)}
+
+    def await_built(self, planned, *after):
+        """With ``background``: the descriptions once the builds end, waiting for ``after``."""
+        return planned | "AwaitAnnoy" >> beam.ParDo(
+            AwaitAnnoyFn(self._build), *(beam.pvalue.AsList(pcoll) for pcoll in after))
