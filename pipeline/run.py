@@ -38,6 +38,7 @@ from pipeline.quality import KNOBS, Recipe, recipe_for
 from pipeline.run_layout import (DUPLICATES_DIR, ERRORS_DIR, FEATURES_DIR, INDEX_DIR,
                                  MANIFEST_FILE, PAIRS_PREFIX)
 from pipeline.http_fetch import FetchConfig
+from transforms.build_index import settle_background_builds
 from transforms.query_neighbors import clear_stale_shards
 from pipeline.catalog import CatalogError, inspect_catalog, manifest_kind
 from transforms.read_vectors import vector_dim
@@ -454,6 +455,9 @@ def _run_locked(options: PipelineOptions, opts: SimilarityOptions, level: str, s
         return _execute(options, opts, config, started, test_pipeline)
     except BaseException as exc:
         run_errors.note_run_dir(exc, config.output)
+        # An Annoy forest still building in the background must not write after the cleanup.
+        settle_background_builds(config.output, timeout=(
+            INTERRUPTED_BUILD_WAIT_S if isinstance(exc, KeyboardInterrupt) else None))
         publish.remove_temporary(config.output)  # Beam temp dirs, staged and partial files
         raise
 
@@ -491,6 +495,9 @@ def _execute(options: PipelineOptions, opts: SimilarityOptions, config: RunConfi
     manifest["launcher_phases"] = offsets
     return manifest
 
+
+# How long an interrupted run waits for an Annoy forest building in the background.
+INTERRUPTED_BUILD_WAIT_S = 2.0
 
 # Faults reported as "error: <message>" (their message is written for the user).
 ONE_LINE_ERRORS = (CatalogError, ModelLoadError, UsageError, object_store.ObjectStoreError,

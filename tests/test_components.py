@@ -223,3 +223,33 @@ def test_dedup_stage_keeps_the_first_row_joins_the_previous_run_and_reports_remo
         assert_that(out[ERRORS] | beam.Map(lambda e: (e["product_id"], e["reason"])),
                     equal_to([("p1", "duplicate_product_id")]), label="Errors")
         assert_that(out[REMOVED], equal_to(["gone"]), label="Removed")
+
+
+def test_a_stopped_run_waits_for_its_background_build_and_forgets_it(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from pipeline import similarity_search
+    from transforms import build_index
+
+    release = threading.Event()
+
+    def slow_build(_vectors, path, *_args, **_kwargs):
+        release.wait(5)
+        time.sleep(0.2)
+        with open(path, "wb") as handle:
+            handle.write(b"forest")
+
+    monkeypatch.setattr(similarity_search, "build_annoy_index", slow_build)
+    out = str(tmp_path)
+    ids, vectors = _pairs_of_twins(3)
+    path = _write_features(out, ids, vectors)
+    with TestPipeline() as p:  # the run stops after starting the build, never awaiting it
+        _ = (p | beam.Create([path])
+             | BuildIndex(out, MODEL_ID, top_k=3, search="exact", background=True))["planned"]
+    meta = tmp_path / run_layout.INDEX_DIR / run_layout.META_FILE
+    assert not meta.exists()  # still building
+    release.set()
+    build_index.settle_background_builds(out)
+    assert meta.exists()  # nothing of the run is written after settle returns
+    assert not any(key.startswith(out) for key in build_index._BACKGROUND)

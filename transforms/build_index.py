@@ -255,11 +255,33 @@ class _BackgroundBuild:
         assert self.description is not None
         return self.description
 
+    def join(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` seconds (None: until it ends) without raising its error."""
+        self._thread.join(timeout)
+
 
 # Builds started by StartAnnoyFn in this process, by index directory. Only used on
 # Beam's in-memory DirectRunner, where the stage that waits runs in the same process.
 _BACKGROUND: dict[str, _BackgroundBuild] = {}
 _BACKGROUND_LOCK = threading.Lock()
+
+
+def settle_background_builds(run_dir: str, timeout: float | None = None) -> None:
+    """Wait for (and forget) the background builds of a run that stopped before collecting them.
+
+    Called by the launcher when a run fails: a build still running would write
+    into the run's index directory after its temporaries were cleaned up, and a
+    failed one would keep its vectors memory-mapped through its traceback.
+    ``timeout`` bounds the wait (an interrupted run does not wait out a long
+    build; the on-disk build's child dies with the process).
+    """
+    prefix = run_dir.rstrip("/") + "/"
+    with _BACKGROUND_LOCK:
+        mine = [key for key in _BACKGROUND if key.startswith(prefix) or key == run_dir]
+        builds = [_BACKGROUND.pop(key) for key in mine]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for build in builds:
+        build.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
 class StartAnnoyFn(beam.DoFn):
