@@ -183,7 +183,7 @@ def test_duplicate_stage_groups_identical_bytes_and_near_duplicate_pairs(tmp_pat
                 {"product_id": "p3", "sha256": "t"}, {"product_id": "p4", "sha256": "u"},
                 {"product_id": "p5", "sha256": "v"}]
     with TestPipeline() as p:
-        count = ((p | "F" >> beam.Create(features), p | "N" >> beam.Create([("p3", "p4", 0.97)]))
+        count = ((p | "F" >> beam.Create(features), p | "N" >> beam.Create([[("p3", "p4", 0.97)]]))
                  | WriteDuplicateGroups(str(tmp_path)))
         assert_that(count, equal_to([2]))
     path = tmp_path / run_layout.DUPLICATES_DIR / run_layout.DUPLICATES_FILE

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
-from pipeline import files, ivf, similarity_search
+from pipeline import files, ivf, neighbor_lines, similarity_search
 from pipeline.run_layout import ANNOY_FILE, IDS_FILE, NEIGHBORS_DIR, NEIGHBORS_PREFIX, VECTORS_FILE
 from pipeline.run_layout import PAIRS_PREFIX as FLAT_PREFIX
 from transforms.errors import METRICS_NAMESPACE
@@ -54,36 +54,6 @@ def shard_name(prefix: str, shard: int, n_shards: int) -> str:
     return f"{prefix}-{shard:05d}-of-{n_shards:05d}.jsonl"
 
 
-def neighbor_records(product_ids, query_rows, indices, sims, top_k=None, min_similarity=None,
-                     exclude_keys=None):
-    """The contract's per-product records and origin B's flat pairs, in row order.
-
-    Neighbours below ``min_similarity`` and neighbours sharing the query's
-    non-empty exclude key (same parent product, same variant group…) are
-    dropped before the list is cut to ``top_k``.
-    """
-    records, flat = [], []
-    for row, idx_row, sim_row in zip(query_rows, indices, sims):
-        master = product_ids[row]
-        own_key = exclude_keys[row] if exclude_keys is not None else None
-        neighbors = []
-        for j, s in zip(idx_row, sim_row):
-            if j < 0 or j == row:
-                continue
-            if own_key not in (None, "") and exclude_keys[j] == own_key:
-                continue
-            similarity = round(float(s), 4)
-            if min_similarity is not None and similarity < min_similarity:
-                break  # sorted descending: every later one is weaker
-            neighbors.append({"product_id": product_ids[j], "similarity": similarity})
-            if top_k is not None and len(neighbors) == top_k:
-                break
-        flat.extend({"similarity": n["similarity"], "master_pi": master,
-                     "similar_pi": n["product_id"]} for n in neighbors)
-        records.append({"product_id": master, "neighbors": neighbors})
-    return records, flat
-
-
 class _LoadedIndex:
     def __init__(self, index_dir: str, dim: int, has_annoy: bool):
         local = index_dir
@@ -99,11 +69,14 @@ class _LoadedIndex:
         self.product_ids = ids.column("product_id").to_pylist()
         self.exclude_keys = (ids.column("exclude_key").to_pylist()
                              if "exclude_key" in ids.column_names else None)
+        self.id_json = neighbor_lines.json_strings(self.product_ids)
+        self.exclude_codes = (None if self.exclude_keys is None
+                              else neighbor_lines.key_codes(self.exclude_keys))
         self.annoy = (similarity_search.open_annoy_index(os.path.join(local, ANNOY_FILE), dim)
                       if has_annoy else None)
 
 
-NEAR_DUPLICATES = "near_duplicates"
+NEAR_DUPLICATES = "near_duplicates"  # tag: per shard, a list of (a, b, similarity), a < b
 
 
 class ShardWriter:
@@ -141,26 +114,25 @@ def write_shard(fn: ShardWriter, work: dict, index, indices, sims, started: floa
     sampled products).
     """
     start, end = work["start"], work["end"]
-    records, flat = [], []
+    lines = neighbor_lines.NO_LINES  # an empty shard (no rows, maybe no index) writes empty files
     if end > start:
-        rows = np.arange(start, end, dtype=np.int64)
-        records, flat = neighbor_records(index.product_ids, rows, indices, sims,
-                                         fn._top_k, fn._min_similarity, index.exclude_keys)
-        fn._queried.inc(len(records))
-        if fn._duplicate_threshold is not None:
-            for pair in flat:
-                a, b = pair["master_pi"], pair["similar_pi"]
-                if pair["similarity"] >= fn._duplicate_threshold and a < b:
-                    yield beam.pvalue.TaggedOutput(NEAR_DUPLICATES, (a, b, pair["similarity"]))
+        lines = neighbor_lines.shard_lines(
+            index.id_json, index.product_ids, np.arange(start, end, dtype=np.int64), indices,
+            sims, fn._top_k, fn._min_similarity, index.exclude_codes, fn._duplicate_threshold,
+            full_length=min(fn._top_k, work["count"] - 1))
+    fn._queried.inc(lines.rows)
+    if lines.near_duplicates:
+        # One block per shard: millions of near-duplicate pairs as single elements
+        # would cost Beam's per-element overhead each.
+        yield beam.pvalue.TaggedOutput(NEAR_DUPLICATES, lines.near_duplicates)
     shard, n_shards = work["shard"], work["n_shards"]
-    files.write_jsonl(
+    files.write_bytes(
         files.join(fn._output_dir, NEIGHBORS_DIR, shard_name(NEIGHBORS_PREFIX, shard, n_shards)),
-        records)
-    files.write_jsonl(
-        files.join(fn._output_dir, shard_name(FLAT_PREFIX, shard, n_shards)), flat)
-    yield {"shard": shard, "rows": len(records), "pairs": len(flat),
-           "full_lists": sum(1 for r in records
-                             if len(r["neighbors"]) >= min(fn._top_k, work["count"] - 1)),
+        files.escape_line_breaks(lines.neighbors))
+    files.write_bytes(files.join(fn._output_dir, shard_name(FLAT_PREFIX, shard, n_shards)),
+                      files.escape_line_breaks(lines.pairs))
+    yield {"shard": shard, "rows": lines.rows, "pairs": lines.pair_count,
+           "full_lists": lines.full_lists,
            "seconds": round(time.time() - started, 3),
            "search": work.get("search"), "nlist": work.get("nlist"),
            "nprobe": work.get("nprobe"), "recall_hits": recall[0], "recall_wanted": recall[1],
