@@ -77,6 +77,25 @@ class CatalogInfo:
         """The Parquet fields of the carried columns, in manifest order."""
         return [pa.field(out, _type_from_string(type_str)) for _, out, type_str in self.carried]
 
+    def feature_column(self, manifest_column: str | None) -> str | None:
+        """The feature column that carries ``manifest_column`` (None for None or not carried).
+
+        The launcher names columns as the user does (``--partition_by=category``); the
+        stages read them from ``features/``, where a name may be prefixed
+        (``manifest_<name>``) so it cannot overwrite the pipeline's own columns.
+        """
+        for name, out, _ in self.carried:
+            if manifest_column is not None and name == manifest_column:
+                return out
+        return None
+
+    def manifest_column(self, feature_column: str | None) -> str | None:
+        """The manifest column carried as ``feature_column``: :meth:`feature_column` reversed."""
+        for name, out, _ in self.carried:
+            if feature_column is not None and out == feature_column:
+                return name
+        return None
+
 
 def manifest_kind(path: str) -> str | None:
     """The manifest format of ``path`` by its suffix, or None for an image glob."""

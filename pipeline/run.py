@@ -30,11 +30,13 @@ from pipeline import (cli, dry_run, files, interrupts, logs, object_store, publi
 from pipeline.run_progress import (RunProgress, expected_rows,  # noqa: E402
                                    workers_share_this_machine)
 from pipeline.local_runner import is_direct, runner_for
-from pipeline.graph import RunConfig, build_graph
+from pipeline.graph import build_graph
 from pipeline.models import engines
 from pipeline.models.registry import ModelLoadError, resolve_model
 from pipeline.options import SimilarityOptions
 from pipeline.quality import KNOBS, Recipe, recipe_for
+from pipeline.run_config import (ModelConfig, OutputConfig, RunConfig, RunnerConfig,
+                                 SearchConfig)
 from pipeline.run_layout import (DUPLICATES_DIR, ERRORS_DIR, FEATURES_DIR, INDEX_DIR,
                                  MANIFEST_FILE, PAIRS_PREFIX)
 from pipeline.http_fetch import FetchConfig
@@ -72,21 +74,21 @@ def worker_count(options: PipelineOptions) -> int:
     return 1
 
 
-def prepare_output(output: str) -> None:
-    """Make ``output`` ready for a fresh run: remove a previous run's artefacts there.
+def prepare_run_dir(run_dir: str) -> None:
+    """Make ``run_dir`` ready for a fresh run: remove a previous run's artefacts there.
 
     ``manifest.json`` goes first, so an interrupted re-run never looks complete.
     Only the files this pipeline writes are touched.
     """
-    files.makedirs(output)
-    manifest = files.join(output, MANIFEST_FILE)
+    files.makedirs(run_dir)
+    manifest = files.join(run_dir, MANIFEST_FILE)
     if FileSystems.exists(manifest):
         FileSystems.delete([manifest])
     for sub in (FEATURES_DIR, ERRORS_DIR, INDEX_DIR, DUPLICATES_DIR):
-        found = FileSystems.match([files.join(output, sub, "**")])[0].metadata_list
+        found = FileSystems.match([files.join(run_dir, sub, "**")])[0].metadata_list
         if found:
             FileSystems.delete([m.path for m in found])
-    clear_stale_shards(output)
+    clear_stale_shards(run_dir)
 
 
 def _validate(opts: SimilarityOptions) -> None:
@@ -188,16 +190,20 @@ def carried_column(catalog, name: str | None, option: str) -> str | None:
     """The feature column holding manifest column ``name`` (checked at start-up)."""
     if name is None:
         return None
-    for manifest_name, output_name, _ in catalog.carried:
-        if manifest_name == name:
-            return output_name
+    column = catalog.feature_column(name)
+    if column is not None:
+        return column
     available = [c[0] for c in catalog.carried]
     raise UsageError(f"{option}={name}: the catalogue has no such column (it carries "
                      f"{available or 'no columns: use a manifest, not a glob'})")
 
 
 def make_config(options: PipelineOptions) -> RunConfig:
-    """Check the catalogue, resolve the model and fix every setting of the run."""
+    """Check the catalogue, resolve the model and fix every setting of the run.
+
+    Each fact is set once, in its group; what manifest.json records is derived
+    from the groups (``RunConfig.manifest_settings``).
+    """
     opts = options.view_as(SimilarityOptions)
     _validate(opts)
     started_at = time.time()
@@ -212,62 +218,37 @@ def make_config(options: PipelineOptions) -> RunConfig:
     previous, reuse_note = previous_run_for(opts.output, model.model_id, opts.full_rebuild)
     workers = worker_count(options)
     threads = opts.model_threads or max(1, (os.cpu_count() or 1) // workers)
-    fetch = FetchConfig(read_timeout=opts.fetch_timeout,
-                        total_timeout=max(opts.fetch_total_timeout, opts.fetch_timeout),
-                        max_retries=opts.fetch_retries,
-                        max_bytes=opts.max_image_bytes, user_agent=opts.fetch_user_agent,
-                        allow_private_hosts=opts.allow_private_hosts,
-                        concurrency=opts.fetch_concurrency)
     if catalog.embedding_column:
         batch_size, lanes = 0, 0
     else:
         batch_size = opts.batch_size or engines.preferred_batch(model.engine)
         lanes = engines.lanes_for(model.engine, threads, opts.model_lanes)
-    settings = {
-        "input": opts.input,
-        "output": opts.output,
-        "run_id": run_id,
-        "run_dir": publish.run_dir(opts.output, run_id),
-        "previous_run": previous,
-        "reuse": reuse_note,
-        "catalog_kind": catalog.kind,
-        "embedding_column": catalog.embedding_column,
-        "model": model.model_id,
-        "model_name": model.name,
-        "dim": model.dim,
-        "input_size": model.input_size,
-        "engine": model.engine,
-        "batch_size": batch_size,
-        "model_threads": threads,
-        "model_lanes": lanes,
-        "top_k": opts.top_k,
-        "seed": opts.seed,
-        "partition_by": opts.partition_by,
-        "exclude_same": opts.exclude_same,
-        "min_similarity": opts.min_similarity,
-        "duplicate_threshold": opts.duplicate_threshold,
-        "pca_dim": opts.pca_dim or None,
-        "quality": dict(quality_recipe(opts).to_dict(),
-                        similarity=quality_recipe(opts).similarity_definition()),
-        "recall_target": opts.recall_target,
-        "runner": options.view_as(StandardOptions).runner or "DirectRunner",
-        "workers": workers,
-        "versions": library_versions(),
-    }
-    return RunConfig(output=publish.run_dir(opts.output, run_id), catalog=catalog, model=model, top_k=opts.top_k,
-                     batch_size=batch_size, model_threads=threads, search=opts.search,
-                     n_trees=opts.n_trees, search_k=opts.search_k, seed=opts.seed,
-                     max_image_pixels=opts.max_image_pixels, fetch=fetch,
-                     started_at=started_at, settings=settings,
-                     features_only=opts.features_only, previous_run=previous,
-                     partition_by=carried_column(catalog, opts.partition_by, "--partition_by"),
-                     exclude_same=carried_column(catalog, opts.exclude_same, "--exclude_same"),
-                     min_similarity=opts.min_similarity,
-                     duplicate_threshold=opts.duplicate_threshold, pca_dim=opts.pca_dim,
-                     model_lanes=lanes, nlist=opts.nlist, nprobe=opts.nprobe,
-                     recall_target=opts.recall_target, quality=quality_recipe(opts),
-                     annoy_in_background=is_direct(options) and options.view_as(
-                         DirectOptions).direct_running_mode != "multi_processing")
+    return RunConfig(
+        catalog=catalog,
+        model=ModelConfig(resolved=model, batch_size=batch_size, threads=threads, lanes=lanes,
+                          max_image_pixels=opts.max_image_pixels),
+        fetch=FetchConfig(read_timeout=opts.fetch_timeout,
+                          total_timeout=max(opts.fetch_total_timeout, opts.fetch_timeout),
+                          max_retries=opts.fetch_retries,
+                          max_bytes=opts.max_image_bytes, user_agent=opts.fetch_user_agent,
+                          allow_private_hosts=opts.allow_private_hosts,
+                          concurrency=opts.fetch_concurrency),
+        search=SearchConfig(
+            top_k=opts.top_k, search=opts.search, n_trees=opts.n_trees,
+            search_k=opts.search_k, seed=opts.seed, nlist=opts.nlist, nprobe=opts.nprobe,
+            recall_target=opts.recall_target, pca_dim=opts.pca_dim,
+            quality=quality_recipe(opts), min_similarity=opts.min_similarity,
+            duplicate_threshold=opts.duplicate_threshold,
+            partition_column=carried_column(catalog, opts.partition_by, "--partition_by"),
+            exclude_column=carried_column(catalog, opts.exclude_same, "--exclude_same")),
+        output=OutputConfig(root=opts.output, run_id=run_id, started_at=started_at,
+                            previous_run=previous, reuse=reuse_note,
+                            features_only=opts.features_only),
+        runner=RunnerConfig(
+            name=options.view_as(StandardOptions).runner or "DirectRunner",
+            workers=workers, versions=library_versions(),
+            annoy_in_background=is_direct(options) and options.view_as(
+                DirectOptions).direct_running_mode != "multi_processing"))
 
 
 def _phase_line(phases: dict) -> str | None:
@@ -377,7 +358,7 @@ def _start_progress(options: PipelineOptions, opts: SimilarityOptions,
                     else (None, False))
     return RunProgress(enabled, total, exact, max(0.5, opts.progress_interval),
                        local=workers_share_this_machine(options),
-                       runner=config.settings["runner"])
+                       runner=config.runner.name)
 
 
 class PublishRefused(RuntimeError):
@@ -432,7 +413,7 @@ def run(argv=None, test_pipeline=None) -> dict:
             config = make_config(options)
         pipeline = beam.Pipeline(runner=runner_for(options), options=options)
         build_graph(pipeline, config)
-        return dry_run.build_job(pipeline, options, config.settings)
+        return dry_run.build_job(pipeline, options, config.manifest_settings())
     _validate(opts)
     with run_lock.held(opts.output, opts.run_id) as lock:
         publish.remove_temporary(opts.output, recursive=False)  # a killed run's LATEST switch
@@ -445,26 +426,28 @@ def _run_locked(options: PipelineOptions, opts: SimilarityOptions, level: str, s
     # Importing TensorFlow and converting a model print native INFO lines.
     with logs.native_noise_filtered(enabled=level not in ("debug", "info")):
         config = make_config(options)
-    lock.note_run_id(config.settings["run_id"])
-    if FileSystems.exists(config.output):
-        raise UsageError(f"--run_id={config.settings['run_id']}: {config.output} already "
+    output = config.output
+    lock.note_run_id(output.run_id)
+    if FileSystems.exists(output.run_dir):
+        raise UsageError(f"--run_id={output.run_id}: {output.run_dir} already "
                          f"exists; a run never overwrites another run's files")
-    prepare_output(config.output)
-    publish.mark_incomplete(config.output, config.settings["run_id"])
+    prepare_run_dir(output.run_dir)
+    publish.mark_incomplete(output.run_dir, output.run_id)
     try:
         return _execute(options, opts, config, started, test_pipeline)
     except BaseException as exc:
-        run_errors.note_run_dir(exc, config.output)
+        run_errors.note_run_dir(exc, output.run_dir)
         # An Annoy forest still building in the background must not write after the cleanup.
-        settle_background_builds(config.output, timeout=(
+        settle_background_builds(output.run_dir, timeout=(
             INTERRUPTED_BUILD_WAIT_S if isinstance(exc, KeyboardInterrupt) else None))
-        publish.remove_temporary(config.output)  # Beam temp dirs, staged and partial files
+        publish.remove_temporary(output.run_dir)  # Beam temp dirs, staged and partial files
         raise
 
 
 def _execute(options: PipelineOptions, opts: SimilarityOptions, config: RunConfig,
              started: float, test_pipeline) -> dict:
     """Build and run the graph, then check and publish the run."""
+    output = config.output
     pipeline = (test_pipeline if test_pipeline is not None
                 else beam.Pipeline(runner=runner_for(options), options=options))
     # Before the graph is built: its counting steps carry the status directory to workers.
@@ -478,16 +461,15 @@ def _execute(options: PipelineOptions, opts: SimilarityOptions, config: RunConfi
         result.wait_until_finish()
         progress.set_phase("publishing")
         if opts.eval_label_column and not opts.features_only:
-            evaluate_published_run(config.output, opts)
+            evaluate_published_run(output.run_dir, opts)
         if not opts.force_publish:
-            check_publishable(files.read_json(files.join(config.output, MANIFEST_FILE)),
-                              publish.latest_run(opts.output), opts)
-        publish.publish(opts.output, config.settings["run_id"])
-        publish.prune_runs(opts.output, opts.keep_runs, config.settings["run_id"],
-                           config.started_at)
+            check_publishable(files.read_json(files.join(output.run_dir, MANIFEST_FILE)),
+                              publish.latest_run(output.root), opts)
+        publish.publish(output.root, output.run_id)
+        publish.prune_runs(output.root, opts.keep_runs, output.run_id, output.started_at)
     finally:
         phases = progress.close()
-    manifest = files.read_json(files.join(config.output, MANIFEST_FILE))
+    manifest = files.read_json(files.join(output.run_dir, MANIFEST_FILE))
     offsets = {"start-up": 0.0}
     offsets.update({name: pipeline_started + t for name, t in phases.items()
                     if name != "starting"})

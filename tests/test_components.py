@@ -7,6 +7,7 @@ count, manifest, duplicate and reuse transforms hand-made feature rows through B
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import types
@@ -22,6 +23,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from pipeline import run_layout, run_reader
 from pipeline.catalog import CatalogInfo
 from pipeline.features import feature_row, features_schema
+from pipeline.run_config import SearchConfig
 from transforms import count_rows
 from transforms.build_index import BuildIndex
 from transforms.deduplicate import REMOVED, DeduplicateProductIds
@@ -33,6 +35,8 @@ from transforms.write_manifest import WriteManifest
 
 MODEL_ID = "fake@1"
 DIM = 8
+# The index and neighbour stages' settings in these tests: exact top-3, no duplicate pairs.
+EXACT_TOP_3 = SearchConfig(top_k=3, search="exact", duplicate_threshold=None)
 
 
 def _pairs_of_twins(n_pairs: int) -> tuple[list[str], np.ndarray]:
@@ -65,8 +69,8 @@ def test_index_and_neighbour_stages_give_each_product_its_twin_first(tmp_path):
     path = _write_features(out, ids, vectors)
     with TestPipeline() as p:
         built = (p | beam.Create([path])
-                 | BuildIndex(out, MODEL_ID, top_k=3, search="exact"))
-        queried = built["planned"] | QueryNeighbors(out, 3)
+                 | BuildIndex(out, MODEL_ID, EXACT_TOP_3))
+        queried = built["planned"] | QueryNeighbors(out, EXACT_TOP_3)
         assert_that(queried["shards"] | beam.Map(lambda s: s["rows"]) | beam.CombineGlobally(sum),
                     equal_to([len(ids)]), label="EveryProductHasAList")
     lists = run_reader.read_neighbor_lists(out)
@@ -84,10 +88,10 @@ def _build_descriptions(out: str, path: str, background: bool) -> list[dict]:
     saved = os.path.join(out, "descriptions")
     os.makedirs(saved, exist_ok=True)
     with TestPipeline() as p:
-        stage = BuildIndex(out, MODEL_ID, top_k=3, search="exact", n_trees=4,
+        stage = BuildIndex(out, MODEL_ID, dataclasses.replace(EXACT_TOP_3, n_trees=4),
                            background=background)
         built = p | beam.Create([path]) | stage
-        queried = built["planned"] | QueryNeighbors(out, 3)
+        queried = built["planned"] | QueryNeighbors(out, EXACT_TOP_3)
         index = (stage.await_built(built["planned"], queried["shards"]) if background
                  else built["built"])
         _ = index | beam.Map(_save_description, saved)
@@ -136,7 +140,7 @@ def test_index_stage_refuses_features_of_another_model(tmp_path):
     path = _write_features(out, ids, vectors)
     with pytest.raises(Exception, match="one index needs one model"):
         with TestPipeline() as p:
-            _ = p | beam.Create([path]) | BuildIndex(out, "other@2", top_k=3, search="exact")
+            _ = p | beam.Create([path]) | BuildIndex(out, "other@2", EXACT_TOP_3)
 
 
 def test_count_rows_counts_each_category_and_failures_by_stage_and_reason():
@@ -246,7 +250,7 @@ def test_a_stopped_run_waits_for_its_background_build_and_forgets_it(tmp_path, m
     path = _write_features(out, ids, vectors)
     with TestPipeline() as p:  # the run stops after starting the build, never awaiting it
         _ = (p | beam.Create([path])
-             | BuildIndex(out, MODEL_ID, top_k=3, search="exact", background=True))["planned"]
+             | BuildIndex(out, MODEL_ID, EXACT_TOP_3, background=True))["planned"]
     meta = tmp_path / run_layout.INDEX_DIR / run_layout.META_FILE
     assert not meta.exists()  # still building
     release.set()

@@ -163,6 +163,7 @@ def _run_stage(tmp_path, v, search, extra):
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    from pipeline.run_config import SearchConfig
     from transforms.build_index import BuildIndex
     from transforms.query_neighbors import QueryNeighbors
 
@@ -171,10 +172,11 @@ def _run_stage(tmp_path, v, search, extra):
     feature_file = str(out / "features" / "features-00000-of-00001.parquet")
     _write_features(feature_file, v)
     opts = PipelineOptions(extra)
+    settings = SearchConfig(top_k=10, search=search, seed=7, duplicate_threshold=None)
     with beam.Pipeline(options=opts) as p:
         built = (p | beam.Create([feature_file])
-                 | BuildIndex(str(out), "m", 10, search, seed=7))
-        queried = built["planned"] | QueryNeighbors(str(out), 10, seed=7)
+                 | BuildIndex(str(out), "m", settings))
+        queried = built["planned"] | QueryNeighbors(str(out), settings)
         _ = queried["shards"] | beam.Map(
             lambda s, path=str(out / "summary.jsonl"): open(path, "a").write(json.dumps(s) + "\n"))
     lines = {}

@@ -8,9 +8,9 @@ Each partition's vectors (``.npy``, row-aligned, memory-mappable, no pickle) and
 row → product id map (Parquet) are written there; the Annoy forests — the
 expensive part — are then built in parallel, one per partition.
 
-Layout: ``OUT/index/{annoy.ann, vectors.npy, ids.parquet, meta.json}`` for a
+Layout: ``RUN_DIR/index/{annoy.ann, vectors.npy, ids.parquet, meta.json}`` for a
 whole-catalogue index; with partitions, the same files under
-``OUT/index/<partition-slug>/`` plus ``OUT/index/partitions.json``.
+``RUN_DIR/index/<partition-slug>/`` plus ``RUN_DIR/index/partitions.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline import files, similarity_search
 from pipeline.features import MixedModelsError, read_feature_matrix
-from pipeline.quality import PROFILES, Recipe
+from pipeline.run_config import SearchConfig
 from pipeline.run_layout import (
     ANNOY_FILE,
     IDS_FILE,
@@ -84,23 +84,25 @@ def _max_group(keys: list) -> int:
 
 
 class SplitPartitionsFn(beam.DoFn):
-    """All feature shard paths → per-partition vectors and id maps; yields one item each."""
+    """All feature shard paths → per-partition vectors and id maps; yields one item each.
 
-    def __init__(self, output_dir: str, model_id: str, partition_column: str | None,
-                 exclude_column: str | None, pca_dim: int = 0,
-                 quality: Recipe = PROFILES["fast"]):
-        self._output_dir = output_dir
-        self._quality = quality
+    Reads from ``search`` the partition and exclusion columns, the PCA size and the
+    quality recipe (the search space is fixed here, before any index is built).
+    """
+
+    def __init__(self, run_dir: str, model_id: str, search: SearchConfig):
+        self._run_dir = run_dir
+        self._quality = search.quality
         self._model_id = model_id
-        self._partition_column = partition_column
-        self._exclude_column = exclude_column
-        self._pca_dim = pca_dim
+        self._partition_column = search.partition_column
+        self._exclude_column = search.exclude_column
+        self._pca_dim = search.pca_dim
 
     def process(self, _, feature_paths):
         started = time.time()
         extra = [c for c in (self._partition_column, self._exclude_column) if c]
         matrix = read_feature_matrix(sorted(feature_paths), extra)
-        index_root = files.join(self._output_dir, INDEX_DIR)
+        index_root = files.join(self._run_dir, INDEX_DIR)
         if matrix.count == 0:
             yield self._write_partition(index_root, None, [], np.zeros((0, 0), np.float32),
                                         [], started)
@@ -165,14 +167,17 @@ class SplitPartitionsFn(beam.DoFn):
 
 
 class BuildAnnoyFn(beam.DoFn):
-    """One partition's vectors → its Annoy forest and meta.json; yields the description."""
+    """One partition's vectors → its Annoy forest and meta.json; yields the description.
 
-    def __init__(self, top_k: int, search: str, n_trees: int, search_k: int, seed: int):
-        self._top_k = top_k
-        self._search = search
-        self._n_trees = n_trees
-        self._search_k = search_k
-        self._seed = seed
+    Reads from ``search`` the search mode, Annoy's n_trees/search_k, top_k and the seed.
+    """
+
+    def __init__(self, search: SearchConfig):
+        self._top_k = search.top_k
+        self._search = search.search
+        self._n_trees = search.n_trees
+        self._search_k = search.search_k
+        self._seed = search.seed
 
     def plan(self, part: dict) -> dict:
         """The partition's search settings (no index built yet): what the queries need."""
@@ -321,19 +326,21 @@ class AwaitAnnoyFn(beam.DoFn):
 
 
 class BuildIndex(beam.PTransform):
-    """Feature file names (after the write is final) → one description per partition index."""
+    """Feature file names (after the write is final) → one description per partition index.
 
-    def __init__(self, output_dir: str, model_id: str, top_k: int, search: str = "auto",
-                 n_trees: int = 0, search_k: int = 0, seed: int = 42,
-                 partition_column: str | None = None, exclude_column: str | None = None,
-                 pca_dim: int = 0, quality: Recipe = PROFILES["fast"],
+    ``run_dir`` is the run's directory (the index goes to ``run_dir/index/``),
+    ``model_id`` the run's model (features of another model are refused), ``search``
+    the run's search settings; ``background`` builds the Annoy forests in threads
+    (Beam's in-memory local runner only, see :meth:`expand`).
+    """
+
+    def __init__(self, run_dir: str, model_id: str, search: SearchConfig,
                  background: bool = False):
         super().__init__()
         self._background = background
-        self._split = SplitPartitionsFn(output_dir, model_id, partition_column, exclude_column,
-                                        pca_dim, quality)
-        self._build = BuildAnnoyFn(top_k, search, n_trees, search_k, seed)
-        self._partitioned = partition_column is not None
+        self._split = SplitPartitionsFn(run_dir, model_id, search)
+        self._build = BuildAnnoyFn(search)
+        self._partitioned = search.partition_column is not None
 
     def expand(self, feature_paths):
         """Returns ``{"planned": …, "built": …}``: the partitions' search settings as soon as

@@ -115,9 +115,9 @@ class WriteDuplicateGroups(beam.PTransform):
     grouping moves ``blocks x buckets`` lists instead of one element per product.
     """
 
-    def __init__(self, output_dir: str, buckets: int = 0):
+    def __init__(self, run_dir: str, buckets: int = 0):
         super().__init__()
-        self._path = files.join(output_dir, DUPLICATES_DIR, DUPLICATES_FILE)
+        self._path = files.join(run_dir, DUPLICATES_DIR, DUPLICATES_FILE)
         self._buckets = buckets
 
     def expand(self, inputs):

@@ -19,6 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import files, similarity_search
 from pipeline.run_layout import NEIGHBORS_DIR, NEIGHBORS_PREFIX
+from pipeline.run_config import SearchConfig
 from pipeline.run_layout import PAIRS_PREFIX as FLAT_PREFIX
 from transforms.ivf_neighbors import IvfNeighbors, TrainIvfFn
 from transforms.neighbor_shards import (
@@ -62,9 +63,9 @@ class QueryNeighborsFn(beam.DoFn):
     output as (product_a, product_b, similarity) with a < b.
     """
 
-    def __init__(self, output_dir: str, top_k: int, min_similarity: float | None = None,
+    def __init__(self, run_dir: str, top_k: int, min_similarity: float | None = None,
                  duplicate_threshold: float | None = None):
-        self._writer = ShardWriter(output_dir, top_k, min_similarity, duplicate_threshold)
+        self._writer = ShardWriter(run_dir, top_k, min_similarity, duplicate_threshold)
 
     def process(self, work: dict):
         started = time.time()
@@ -97,16 +98,18 @@ class QueryNeighbors(beam.PTransform):
     Exact and Annoy indexes are queried shard by shard against the memory-
     mapped index; IVF indexes go through :class:`transforms.ivf_neighbors.IvfNeighbors`
     (lists grouped across workers). Main output: one summary per shard;
-    ``near_duplicates``: pairs at or above the duplicate threshold.
+    ``near_duplicates``: pairs at or above the duplicate threshold. Shards go to
+    ``run_dir``; ``search`` gives top_k, the similarity floor, the duplicate threshold,
+    the IVF settings and the seed.
     """
 
-    def __init__(self, output_dir: str, top_k: int, min_similarity: float | None = None,
-                 duplicate_threshold: float | None = None, nlist: int = 0, nprobe: int = 0,
-                 seed: int = 42, recall_target: float = 0.99):
+    def __init__(self, run_dir: str, search: SearchConfig):
         super().__init__()
-        self._fn = QueryNeighborsFn(output_dir, top_k, min_similarity, duplicate_threshold)
-        self._train = TrainIvfFn(nlist, nprobe, seed, recall_target)
-        self._ivf = IvfNeighbors(output_dir, top_k, min_similarity, duplicate_threshold, seed)
+        self._fn = QueryNeighborsFn(run_dir, search.top_k, search.min_similarity,
+                                    search.duplicate_threshold)
+        self._train = TrainIvfFn(search.nlist, search.nprobe, search.seed, search.recall_target)
+        self._ivf = IvfNeighbors(run_dir, search.top_k, search.min_similarity,
+                                 search.duplicate_threshold, search.seed)
 
     def expand(self, indexes):
         trained = indexes | "TrainIvf" >> beam.ParDo(self._train)
@@ -128,14 +131,14 @@ class QueryNeighbors(beam.PTransform):
         }
 
 
-def clear_stale_shards(output_dir: str) -> None:
-    """Remove neighbour shards of an earlier run into the same directory.
+def clear_stale_shards(run_dir: str) -> None:
+    """Remove neighbour shards of an earlier run into the same run directory.
 
     Shards are named by their count, so a re-run with a different catalogue size
     would otherwise leave old shards beside the new ones.
     """
-    patterns = [files.join(output_dir, NEIGHBORS_DIR, f"{NEIGHBORS_PREFIX}-*.jsonl"),
-                files.join(output_dir, f"{FLAT_PREFIX}-*.jsonl")]
+    patterns = [files.join(run_dir, NEIGHBORS_DIR, f"{NEIGHBORS_PREFIX}-*.jsonl"),
+                files.join(run_dir, f"{FLAT_PREFIX}-*.jsonl")]
     stale = [m.path for r in FileSystems.match(patterns) for m in r.metadata_list]
     if stale:
         FileSystems.delete(stale)

@@ -88,17 +88,17 @@ class FeatureParquetSink(filebasedsink.FileBasedSink):
 
 
 class WriteFeatures(beam.PTransform):
-    """Feature rows → ``OUT/features/features-SSSSS-of-NNNNN.parquet``; yields the file names.
+    """Feature rows → ``RUN_DIR/features/features-SSSSS-of-NNNNN.parquet``; yields the file names.
 
     With ``blocks``, each element is a block of feature rows (an Arrow record batch
     in ``schema``, see :mod:`pipeline.vector_blocks`), written as one batch.
     """
 
-    def __init__(self, output_dir: str, schema: pa.Schema, blocks: bool = False):
+    def __init__(self, run_dir: str, schema: pa.Schema, blocks: bool = False):
         super().__init__()
         self._blocks = blocks
         self._prefix = beam.io.filesystems.FileSystems.join(
-            output_dir, FEATURES_DIR, FEATURES_PREFIX)
+            run_dir, FEATURES_DIR, FEATURES_PREFIX)
         self._schema = schema
 
     def expand(self, features):

@@ -129,11 +129,11 @@ def build_manifest(settings: dict, counts: RunCounts, index: list | None, shards
 
 
 class WriteManifest(beam.PTransform):
-    """Write ``OUT/manifest.json`` once counts, index and neighbour shards are final."""
+    """Write ``RUN_DIR/manifest.json`` once counts, index and neighbour shards are final."""
 
-    def __init__(self, output_dir: str, settings: dict, started_at: float):
+    def __init__(self, run_dir: str, settings: dict, started_at: float):
         super().__init__()
-        self._path = files.join(output_dir, MANIFEST_FILE)
+        self._path = files.join(run_dir, MANIFEST_FILE)
         self._settings = settings
         self._started_at = started_at
 
