@@ -37,10 +37,11 @@ from cpu_steal import StealMeter  # noqa: E402
 
 
 def _engine(model, engine: str, threads: int, lanes: int = 1):
-    from pipeline.models.registry import load_model, resolve_model
+    from pipeline.models.handler import ModelHandler, resolve
+    from pipeline.models.sources import model_source
 
-    resolved = resolve_model(model, engine=engine)
-    return resolved, load_model(resolved, threads, lanes)
+    resolved = resolve(model_source(model), engine)
+    return resolved, ModelHandler(resolved, threads, lanes).load_model()
 
 
 def measure_raw(model: str, engine: str, threads: int, batch: int, seconds: float,

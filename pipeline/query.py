@@ -129,7 +129,7 @@ def run_batch(args, beam_args, test_pipeline=None) -> dict:
     from pipeline import files
     from pipeline.catalog import inspect_catalog
     from pipeline.local_runner import runner_for
-    from pipeline.models import engines
+    from pipeline.models.handler import ModelHandler
     from transforms.query_catalog import QUERY_MANIFEST_FILE, build_query_graph
 
     index = SimilarityIndex.open(args.run, model=args.model, cache_dir=args.model_cache_dir,
@@ -140,6 +140,7 @@ def run_batch(args, beam_args, test_pipeline=None) -> dict:
     model = index.model()
     catalog = inspect_catalog(args.input, args.id_column, args.image_column)
     threads = args.model_threads or os.cpu_count() or 1
+    handler = ModelHandler(model, threads, batch_size=args.batch_size)
     files.makedirs(args.output)
     manifest_path = files.join(args.output, QUERY_MANIFEST_FILE)
     if os.path.exists(manifest_path):
@@ -149,8 +150,7 @@ def run_batch(args, beam_args, test_pipeline=None) -> dict:
                 else beam.Pipeline(runner=runner_for(options), options=options))
     build_query_graph(pipeline, catalog, model, index.run_dir, args.output, args.top_k,
                       fetch_config(args),
-                      args.batch_size or engines.preferred_batch(model.engine), threads,
-                      engines.lanes_for(model.engine, threads), args.partition,
+                      handler.batch_size, threads, handler.lanes, args.partition,
                       args.min_similarity, args.max_image_pixels,
                       settings={"run": index.run_dir, "input": args.input,
                                 "model": model.model_id, "engine": model.engine,

@@ -20,7 +20,7 @@ product removed by a later run is still returned by an older run you open, and
 never by the newer one.
 
 This module sits at the bottom layer (numpy, Annoy, pyarrow, the model
-registry); it imports Apache Beam only when a URL needs a non-local path
+handler); it imports Apache Beam only when a URL needs a non-local path
 resolved (the decoder, ``pipeline/image_decode.py``, is Beam-free).
 """
 
@@ -36,8 +36,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline import similarity_search
-from pipeline.models import engines
-from pipeline.models.registry import ModelLoadError, ResolvedModel, load_model, resolve_model
+from pipeline.models.handler import ModelHandler, resolve
+from pipeline.models.sources import model_source
+from pipeline.models.specs import ModelLoadError, ResolvedModel
 from pipeline.run_layout import (
     IDS_FILE,
     INDEX_DIR,
@@ -233,6 +234,7 @@ class SimilarityIndex:
         self._model_info = model
         self._threads, self._lanes = threads, lanes
         self._engine = None
+        self._handler: ModelHandler | None = None
         self._engine_lock = threading.Lock()
         self._call_lock = threading.Lock()
         self._fetch_config = fetch_config
@@ -329,7 +331,10 @@ class SimilarityIndex:
             if self._engine is None:
                 self._model_info = resolve_run_model(self.manifest, self._requested_model,
                                                      self._cache_dir)
-                self._engine = _load_engine(self._model_info, self._threads, self._lanes)
+                # 0 threads: every core, one single-threaded interpreter per core.
+                self._handler = ModelHandler(self._model_info,
+                                             self._threads or os.cpu_count() or 1, self._lanes)
+                self._engine = self._handler.load_model()
             return self._model_info
 
     # --- look-ups -----------------------------------------------------------
@@ -425,7 +430,7 @@ class SimilarityIndex:
             raw = self._embed_on_lanes(pixels)
         else:
             with self._call_lock:
-                raw = self._engine.embed_pixels(pixels)
+                raw = self._handler.run_inference(pixels, self._engine)
         vectors = np.asarray(raw, dtype=np.float32)
         norms = np.linalg.norm(vectors, axis=1)
         if not np.all(np.isfinite(vectors)) or np.any(norms <= 1e-12):
@@ -436,9 +441,10 @@ class SimilarityIndex:
     def _embed_on_lanes(self, pixels: list) -> np.ndarray:
         """Several images are cut into the engine's preferred batches, run on all its
         lanes at once (one single-threaded interpreter per core)."""
-        step = engines.preferred_batch("tflite")
+        handler = self._handler
+        step = handler.batch_size
         if len(pixels) <= step or self._engine.lanes < 2:
-            return self._engine.embed_pixels(pixels)
+            return handler.run_inference(pixels, self._engine)
         with self._engine_lock:
             if self._pool is None:
                 from concurrent.futures import ThreadPoolExecutor
@@ -446,7 +452,8 @@ class SimilarityIndex:
                 self._pool = ThreadPoolExecutor(self._engine.lanes,
                                                 thread_name_prefix="query-lane")
         chunks = [pixels[i:i + step] for i in range(0, len(pixels), step)]
-        return np.concatenate(list(self._pool.map(self._engine.embed_pixels, chunks)))
+        return np.concatenate(list(self._pool.map(
+            lambda chunk: handler.run_inference(chunk, self._engine), chunks)))
 
     def query_image(self, image, k: int = DEFAULT_K, partition=None,
                     min_similarity: float | None = None) -> list[dict]:
@@ -619,7 +626,7 @@ def resolve_run_model(manifest: dict, requested: str | None = None,
     if engine not in ("tflite", "savedmodel"):
         engine = "auto"
     try:
-        resolved = resolve_model(name, cache_dir=cache_dir, engine=engine)
+        resolved = resolve(model_source(name, cache_dir), engine)
     except ModelLoadError as exc:
         raise RunError(f"cannot load the run's model {name}: {exc}") from exc
     if resolved.model_id != run_model:
@@ -633,14 +640,3 @@ def resolve_run_model(manifest: dict, requested: str | None = None,
         raise ModelMismatchError(f"model mismatch: the run's vectors have {manifest['dim']} "
                                  f"dimensions, {name} gives {resolved.dim}")
     return resolved
-
-
-def _load_engine(model: ResolvedModel, threads: int, lanes: int):
-    """The run's engine; a verified cached TFLite file loads without TensorFlow."""
-    threads = threads or os.cpu_count() or 1
-    lanes = engines.lanes_for(model.engine, threads, lanes)
-    if model.engine == "tflite":
-        path = engines.verified_tflite(model.model_id, model.cache_dir)
-        if path is not None:
-            return engines.TfliteEngine(path, threads, lanes)
-    return load_model(model, threads, lanes)

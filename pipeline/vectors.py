@@ -21,10 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.models.registry import ResolvedModel
-
-EXTERNAL_MODEL_ID = "external"
-EXTERNAL_ENGINE = "external"
+from pipeline.models.handler import resolve
+from pipeline.models.sources import model_source
+from pipeline.models.specs import ResolvedModel
 
 
 class VectorError(ValueError):
@@ -37,10 +36,12 @@ class VectorError(ValueError):
 
 
 def external_model(model_id: str | None, dim: int) -> ResolvedModel:
-    """The model record of a run on precomputed vectors: id from --model_id or 'external'."""
-    model_id = model_id or EXTERNAL_MODEL_ID
-    return ResolvedModel(name=model_id, handle="", model_id=model_id, input_size=0, dim=dim,
-                         engine=EXTERNAL_ENGINE)
+    """The model record of a run on precomputed vectors: id from --model_id or 'external'.
+
+    Why through the model source: precomputed vectors are one more kind of source,
+    chosen by the same function; theirs has facts only and refuses to run.
+    """
+    return resolve(model_source(model_id, precomputed_dim=dim))
 
 
 def _as_array(value) -> np.ndarray:

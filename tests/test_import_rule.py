@@ -29,6 +29,7 @@ BOTTOM = {
     "pipeline.similarity_search", "pipeline.models", "pipeline.models.autoencoder",
     "pipeline.models.cache", "pipeline.models.efficientnet_lite", "pipeline.models.engines",
     "pipeline.models.raw_pixels", "pipeline.models.registry", "pipeline.models.torch_legacy",
+    "pipeline.models.handler", "pipeline.models.sources", "pipeline.models.specs",
 }
 WIRING = {"pipeline.graph", "pipeline.run", "pipeline.query"}
 # Paths on any filesystem, and the compression flag of FileSystems.open.

@@ -1,7 +1,8 @@
 """Embed decoded images with the run's model: batched, one model per worker process.
 
-The model is loaded once per worker process (Beam's ``Shared``), batches come
-from ``BatchElements``, and each output row is a feature row of the contract:
+The model handler (:class:`pipeline.models.handler.ModelHandler`) says how: it
+loads the model once per worker process (held in Beam's ``Shared``), sets the
+``BatchElements`` sizes and runs each batch; each output row is a feature row of the contract:
 product id, image, the L2-normalised float32 embedding, the model id, the
 sha256 of the image bytes, the original width and height, and the carried
 manifest columns. A batch the model rejects is retried image by image so one
@@ -22,7 +23,8 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.features import feature_row
 from pipeline.locations import redact_location
-from pipeline.models.registry import ResolvedModel, load_model
+from pipeline.models.handler import ModelHandler
+from pipeline.models.specs import ResolvedModel
 from pipeline.row_errors import STAGE_EMBED, error_record
 from transforms.errors import ERRORS, METRICS_NAMESPACE, count_failure
 
@@ -70,11 +72,8 @@ class EmbedBatchFn(beam.DoFn):
     of waiting for it. Outputs keep their input batch's window and timestamp.
     """
 
-    def __init__(self, model: ResolvedModel, threads: int, shared_handle: shared.Shared,
-                 lanes: int = 1):
-        self._model_info = model
-        self._threads = threads
-        self._lanes = lanes
+    def __init__(self, handler: ModelHandler, shared_handle: shared.Shared):
+        self._handler = handler
         self._shared = shared_handle
         self._model = None
         self._calls = None
@@ -83,13 +82,14 @@ class EmbedBatchFn(beam.DoFn):
         self._batch_size = Metrics.distribution(METRICS_NAMESPACE, "embed_batch_size")
 
     def setup(self):
-        info = self._model_info
-        if info.engine == "savedmodel":  # the TFLite engine never starts TensorFlow
-            configure_tf_threads(self._threads)
-        holder = self._shared.acquire(
-            lambda: _ModelHolder(load_model(info, self._threads, self._lanes)),
-            tag=f"{info.model_id}/{self._threads}/{self._lanes}")
-        self._model = holder.model
+        handler = self._handler
+        if handler.engine == "savedmodel":  # the other engines never start TensorFlow
+            configure_tf_threads(handler.threads)
+        if handler.share_across_threads:
+            self._model = self._shared.acquire(lambda: _ModelHolder(handler.load_model()),
+                                               tag=handler.shared_tag()).model
+        else:
+            self._model = handler.load_model()
         self._calls = ThreadPoolExecutor(max_workers=self._model.lanes,
                                          thread_name_prefix="model-lane")
 
@@ -98,7 +98,7 @@ class EmbedBatchFn(beam.DoFn):
 
     def _embed_rows(self, rows: list[dict]):
         try:
-            return self._model.embed_pixels([r["pixels"] for r in rows]), None
+            return self._handler.run_inference([r["pixels"] for r in rows], self._model), None
         except Exception as exc:  # noqa: BLE001 - isolated per image below
             return None, exc
 
@@ -158,7 +158,7 @@ class EmbedBatchFn(beam.DoFn):
             self._embedded.inc()
             # The stored location never holds credentials or tokens (issue 15).
             stored = {**row, "image": redact_location(row["image"])}
-            yield windowed(feature_row(stored, vector, self._model_info.model_id))
+            yield windowed(feature_row(stored, vector, self._handler.model_id))
 
 
 class EmbedImages(beam.PTransform):
@@ -167,17 +167,10 @@ class EmbedImages(beam.PTransform):
     def __init__(self, model: ResolvedModel, batch_size: int = 32, threads: int = 0,
                  lanes: int = 1):
         super().__init__()
-        self._model = model
-        self._batch_size = batch_size
-        self._threads = threads
-        self._lanes = lanes
+        self._handler = ModelHandler(model, threads=threads, lanes=lanes, batch_size=batch_size)
 
     def expand(self, rows):
         return (rows
-                # Fixed-size batches (only a bundle's tail is smaller): the TFLite
-                # interpreter is re-planned only when the batch size changes.
-                | "Batch" >> beam.BatchElements(min_batch_size=self._batch_size,
-                                                max_batch_size=self._batch_size)
-                | "RunModel" >> beam.ParDo(EmbedBatchFn(self._model, self._threads,
-                                                        shared.Shared(), self._lanes))
+                | "Batch" >> beam.BatchElements(**self._handler.batch_elements_kwargs())
+                | "RunModel" >> beam.ParDo(EmbedBatchFn(self._handler, shared.Shared()))
                 .with_outputs(ERRORS, main="features"))

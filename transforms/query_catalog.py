@@ -20,7 +20,7 @@ from apache_beam.utils import shared
 from pipeline import files
 from pipeline.catalog import CatalogInfo
 from pipeline.http_fetch import FetchConfig
-from pipeline.models.registry import ResolvedModel
+from pipeline.models.specs import ResolvedModel
 from pipeline.run_layout import (
     ERRORS_DIR,
     ERRORS_PREFIX,

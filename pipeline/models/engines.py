@@ -1,21 +1,21 @@
-"""How a model runs on a worker: TensorFlow SavedModel or the TFLite (LiteRT) interpreter.
+"""How a model runs on a worker: TensorFlow SavedModel, the TFLite (LiteRT) interpreter, numpy.
 
 On CPUs, the LiteRT interpreter with XNNPACK runs the same float32 network
 2–3× faster than TensorFlow eager/graph execution (measured by
 ``bench/embed_throughput.py``), so a model is converted once to a float32
 ``.tflite`` file, cached next to the SavedModel, and used when its embeddings
-match the SavedModel's (cosine > 0.999 on a probe batch). Both engines expose
-the same call: float32 [B, S, S, 3] images in [0, 1] → float32 [B, D] features,
-and ``embed_pixels`` for what the pipeline holds: a list of uint8 [S, S, 3] images.
+match the SavedModel's on a probe batch (that check and its record are the
+model handler's, :mod:`pipeline.models.handler`). Every engine exposes the same
+call: float32 [B, S, S, 3] images in [0, 1] → float32 [B, D] features, and
+``embed_pixels`` for what the pipeline holds: a list of uint8 [S, S, 3] images.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import os
 import queue
+from typing import Callable
 
 import numpy as np
 
@@ -24,18 +24,16 @@ from pipeline.models import cache
 
 ENGINES = ("auto", "tflite", "savedmodel")
 TFLITE_FILE = "model.tflite"
-VERIFIED_FILE = "verified.json"
 # Bump when the conversion changes, so older cached conversions are not reused.
 TFLITE_CONVERSION_VERSION = 1
-# Minimum cosine between TFLite and SavedModel embeddings on the probe batch.
-MIN_PROBE_COSINE = 0.999
 
 
 # Images per model call where --batch_size is not given: what ran fastest per engine
 # in ``bench/embed_throughput.py`` (figures in bench/MEASUREMENTS.md). TFLite/XNNPACK
 # keeps a small batch's activations in the per-core caches; TensorFlow pays a fixed
 # cost per call, so it wants bigger batches.
-PREFERRED_BATCH = {"tflite": 2, "savedmodel": 8}
+# The numpy engine (the raw-pixel baseline) was not measured: it takes the SavedModel's.
+PREFERRED_BATCH = {"tflite": 2, "savedmodel": 8, "numpy": 8}
 
 
 def preferred_batch(engine: str) -> int:
@@ -84,6 +82,23 @@ class SavedModelEngine:
         if isinstance(out, dict):
             out = next(iter(out.values()))
         return np.asarray(out, dtype=np.float32)
+
+    def embed_pixels(self, pixels: list[np.ndarray]) -> np.ndarray:
+        """Features of uint8 [S, S, 3] images."""
+        return self(unit_floats(pixels))
+
+
+class NumpyEngine:
+    """Runs a model written as a numpy function of the images; never starts TensorFlow."""
+
+    name = "numpy"
+    lanes = 1
+
+    def __init__(self, function: Callable[[np.ndarray], np.ndarray]):
+        self.function = function
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self.function(images), dtype=np.float32)
 
     def embed_pixels(self, pixels: list[np.ndarray]) -> np.ndarray:
         """Features of uint8 [S, S, 3] images."""
@@ -206,41 +221,14 @@ def ensure_tflite(savedmodel_dir: str, model_id: str, cache_dir: str | None = No
     return os.path.join(directory, TFLITE_FILE)
 
 
-def verified_tflite(model_id: str, cache_dir: str | None = None) -> str | None:
-    """The cached ``.tflite`` of ``model_id`` if an earlier run verified it, else None.
+def cached_tflite(model_id: str, cache_dir: str | None = None) -> str | None:
+    """Path of the model's cached ``.tflite`` conversion if an intact one exists, else None.
 
-    Lets a run start without loading TensorFlow and the SavedModel at all. The
-    entry must also match its digest record: a damaged one is rebuilt on the
-    slow path instead of being handed to the interpreter.
+    Why: a fast start-up path may use the conversion only as it is; this never
+    converts or writes anything (:func:`ensure_tflite` does).
     """
     directory = cache.lookup(_tflite_entry(model_id), cache_dir)
-    if directory is None:
-        return None
-    try:
-        with open(os.path.join(directory, VERIFIED_FILE)) as handle:
-            record = json.load(handle)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("model_id") != model_id \
-            or not isinstance(record.get("min_cosine"), (int, float)) \
-            or record["min_cosine"] < MIN_PROBE_COSINE:
-        return None
-    return os.path.join(directory, TFLITE_FILE)
-
-
-def record_verification(tflite_path: str, model_id: str, cosine: float) -> None:
-    """Remember that this conversion matched the SavedModel on the probe batch.
-
-    Best effort: in a read-only cache the record is not written and later runs
-    just take the slower start-up path that checks the conversion again.
-    """
-    from pipeline import files
-
-    try:
-        files.write_json(os.path.join(os.path.dirname(tflite_path), VERIFIED_FILE),
-                         {"model_id": model_id, "min_cosine": cosine})
-    except OSError as exc:
-        logging.getLogger(__name__).debug("cannot record the TFLite verification: %s", exc)
+    return None if directory is None else os.path.join(directory, TFLITE_FILE)
 
 
 def tflite_shapes(engine: "TfliteEngine") -> tuple[int, int]:

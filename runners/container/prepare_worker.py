@@ -17,7 +17,9 @@ import sys
 import time
 
 from pipeline.models.cache import cache_root
-from pipeline.models.registry import ModelLoadError, resolve_model
+from pipeline.models.handler import resolve
+from pipeline.models.sources import model_source
+from pipeline.models.specs import ModelLoadError
 from pipeline.options import DEFAULT_MODEL
 
 
@@ -26,7 +28,7 @@ def prepare(models: list[str], cache_dir: str | None = None) -> list[dict]:
     done = []
     for name in models:
         started = time.monotonic()
-        model = resolve_model(name, cache_dir=cache_dir)
+        model = resolve(model_source(name, cache_dir))
         done.append({"model": model.model_id, "engine": model.engine, "dim": model.dim,
                      "seconds": round(time.monotonic() - started, 1)})
     return done
