@@ -23,6 +23,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from pipeline import run_layout, run_reader
 from pipeline.catalog import CatalogInfo
 from pipeline.features import feature_row, features_schema
+from pipeline.records import ErrorRecord
 from pipeline.run_config import SearchConfig
 from transforms import count_rows
 from transforms.build_index import BuildIndex
@@ -143,9 +144,13 @@ def test_index_stage_refuses_features_of_another_model(tmp_path):
             _ = p | beam.Create([path]) | BuildIndex(out, "other@2", EXACT_TOP_3)
 
 
+def _error(stage: str, reason: str) -> ErrorRecord:
+    return ErrorRecord("p", "p.jpg", stage, reason, "a sentence")
+
+
 def test_count_rows_counts_each_category_and_failures_by_stage_and_reason():
-    errors = [{"stage": "decode", "reason": "truncated"}, {"stage": "read", "reason": "http_404"},
-              {"stage": "decode", "reason": "truncated"}]
+    errors = [_error("decode", "truncated"), _error("read", "http_404"),
+              _error("decode", "truncated")]
     with TestPipeline() as p:
         counted = {count_rows.INPUT: p | "In" >> beam.Create(range(5)),
                    count_rows.EMBEDDED: p | "Emb" >> beam.Create(["x", "y"]),
@@ -160,7 +165,7 @@ def _manifest_pipeline(out: str, inputs: int, embedded: int, failed: int) -> Non
         counts = {count_rows.INPUT: p | "In" >> beam.Create(range(inputs)),
                   count_rows.EMBEDDED: p | "Emb" >> beam.Create(range(embedded)),
                   count_rows.FAILED: p | "Err" >> beam.Create(
-                      [{"stage": "decode", "reason": "corrupt"}] * failed)
+                      [_error("decode", "corrupt")] * failed)
                   } | count_rows.CountRows()
         no_index = p | "NoIndex" >> beam.Create([])
         no_shards = p | "NoShards" >> beam.Create([])
@@ -224,7 +229,7 @@ def test_dedup_stage_keeps_the_first_row_joins_the_previous_run_and_reports_remo
         assert_that(out.rows | beam.Map(lambda r: (r["product_id"], r["image"],
                                                    (r.get("previous") or {}).get("sha256"))),
                     equal_to([("p1", "first.jpg", None), ("p2", "p2.jpg", "s")]), label="Kept")
-        assert_that(out[ERRORS] | beam.Map(lambda e: (e["product_id"], e["reason"])),
+        assert_that(out[ERRORS] | beam.Map(lambda e: (e.product_id, e.reason)),
                     equal_to([("p1", "duplicate_product_id")]), label="Errors")
         assert_that(out[REMOVED], equal_to(["gone"]), label="Removed")
 

@@ -373,7 +373,7 @@ def test_decode_fn_routes_good_rows_to_main_and_bad_rows_to_errors():
             label="main",
         )
         errors = results[ERRORS] | "Reasons" >> beam.Map(
-            lambda e: (e["product_id"], e["image"], e["stage"], e["reason"])
+            lambda e: (e.product_id, e.image, e.stage, e.reason)
         )
         expected_errors = [
             ("p2", "/img/p2.jpg", "decode", "empty"),

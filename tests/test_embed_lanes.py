@@ -77,5 +77,5 @@ def test_an_image_the_model_rejects_costs_one_error_row_not_its_batch(tiny_model
         assert_that(out.features | "Ids" >> beam.Map(lambda f: f["product_id"]),
                     equal_to([f"p{i}" for i in range(9) if i != 4]), label="features")
         assert_that(out[ERRORS] | "Why" >> beam.Map(
-            lambda e: (e["product_id"], e["stage"], e["reason"], "shape" in e["error"])),
+            lambda e: (e.product_id, e.stage, e.reason, "shape" in e.error)),
             equal_to([("p4", "embed", "model_error", True)]), label="errors")

@@ -208,7 +208,7 @@ def test_parse_sends_exactly_what_was_checked():
 def test_credentials_never_reach_an_error_record():
     url = "http://user:s3cret@cdn.example/a.jpg"
     record = error_record({"product_id": "p", "image": url}, "read", "credentials_in_url", "x")
-    assert record["image"] == "http://***@cdn.example/a.jpg"
+    assert record.image == "http://***@cdn.example/a.jpg"
     assert redact_location("data:image/png;base64,QUJD").startswith("data:image/png;base64,<")
     assert "QUJD" not in redact_location("data:image/png;base64,QUJD")
 

@@ -18,6 +18,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from pipeline.file_bytes import read_file_bytes
 from pipeline.http_fetch import FetchConfig
 from pipeline.locations import is_url
+from pipeline.records import ErrorRecord
 from pipeline.row_errors import RowError
 from tests.http_fixtures import HTML, JPEG, http_server  # noqa: F401 (fixture)
 from transforms.errors import ERRORS, METRICS_NAMESPACE
@@ -52,8 +53,8 @@ def main_summary(r: dict) -> tuple:
     )
 
 
-def error_summary(e: dict) -> tuple:
-    return (e["product_id"], e["stage"], e["reason"], bool(e["error"]), e["image"] is not None)
+def error_summary(e: ErrorRecord) -> tuple:
+    return (e.product_id, e.stage, e.reason, bool(e.error), e.image is not None)
 
 
 def run_read(rows, expected_main, expected_errors, config=CONFIG, max_bytes=None) -> dict:
@@ -61,7 +62,9 @@ def run_read(rows, expected_main, expected_errors, config=CONFIG, max_bytes=None
     with test_pipeline.TestPipeline() as p:
         read = beam.ParDo(ReadImageBytesFn(config, max_bytes)).with_outputs(ERRORS, main="read")
         outputs = p | beam.Create(rows) | read
-        ids = (outputs.read, outputs[ERRORS]) | beam.Flatten() | beam.Map(lambda r: r["product_id"])
+        ids = ((outputs.read | "ReadIds" >> beam.Map(lambda r: r["product_id"]),
+                outputs[ERRORS] | "ErrorIds" >> beam.Map(lambda e: e.product_id))
+               | beam.Flatten())
         assert_that(ids, equal_to([r["product_id"] for r in rows]), label="each row exactly once")
         assert_that(outputs.read | "Main" >> beam.Map(main_summary), equal_to(expected_main), label="main")
         errors = outputs[ERRORS] | "Errors" >> beam.Map(error_summary)

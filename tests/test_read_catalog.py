@@ -134,8 +134,8 @@ def test_duplicate_ids_keep_first_row_and_report_the_others():
     with TestPipeline() as p:
         out = p | beam.Create(rows) | DeduplicateProductIds()
         kept = out.rows | "Kept" >> beam.Map(lambda r: (r["product_id"], r["row_number"]))
-        errors = out[ERRORS] | "Errs" >> beam.Map(lambda e: (e["product_id"], e["image"],
-                                                             e["stage"], e["reason"]))
+        errors = out[ERRORS] | "Errs" >> beam.Map(lambda e: (e.product_id, e.image,
+                                                             e.stage, e.reason))
         assert_that(kept, equal_to([("x", 1), ("y", 2)]), label="kept")
         assert_that(errors, equal_to([("x", "/2.jpg", "read", "duplicate_product_id"),
                                       ("x", "/3.jpg", "read", "duplicate_product_id")]),
