@@ -123,6 +123,7 @@ SIGINT_CHILD = textwrap.dedent("""
     from apache_beam.transforms.window import GlobalWindow
     from apache_beam.utils.timestamp import MIN_TIMESTAMP
     from pipeline.http_fetch import FetchConfig
+    from pipeline.records import CatalogRow
     from transforms.read_bytes import ReadImageBytesFn
 
     config = FetchConfig(read_timeout=30, total_timeout=120, max_retries=5, backoff_factor=5,
@@ -131,7 +132,7 @@ SIGINT_CHILD = textwrap.dedent("""
     fn.setup()
     fn.start_bundle()
     for i in range(6):
-        list(fn.process({"product_id": str(i), "image": sys.argv[1] + f"?{i}"}, GlobalWindow(), MIN_TIMESTAMP))
+        list(fn.process(CatalogRow(str(i), sys.argv[1] + f"?{i}", i), GlobalWindow(), MIN_TIMESTAMP))
     print("ready", flush=True)
     list(fn.finish_bundle())  # blocks on downloads that never answer
 """)
