@@ -1,8 +1,9 @@
 """The ``features/`` Parquet contract: its columns, schema and row builder, and its reader.
 
 Every feature row holds the columns of :data:`FEATURE_COLUMNS` (then the carried
-manifest columns, flattened in). The embedding stage, nightly reuse and the
-precomputed-vectors reader build rows with :func:`feature_row`; the writer uses
+manifest columns, flattened in). The embedding stage and nightly reuse build rows
+with :func:`image_feature_row` from a record's fields (:func:`feature_row` takes a row
+mapping); feature rows stay plain dicts, the form the Parquet writer takes. The writer uses
 :func:`features_schema`; the index, the exporters, evaluation and the report read them
 back with :func:`read_feature_matrix`. A change to the contract is an edit here.
 """
