@@ -5,8 +5,8 @@ Beam's ``PredictionResult`` and RunInference's dead-letter outputs type what
 flows between steps, instead of row dicts whose keys come and go:
 
     CatalogRow  --ReadImageBytesFn-->  FetchedRow  --DecodeImageFn-->  DecodedRow
-    (reader, SplitInvalidRowsFn,       (reuse marks:       (pixels, original
-     DeduplicateProductIds)             unchanged, previous) width and height)
+    (reader, SplitInvalidRowsFn,       (bytes, reuse marks        (pixels, original
+     DeduplicateProductIds)             unchanged, previous)       width and height)
 
 ``EmbedImages`` turns a ``DecodedRow`` into the feature-row dict of the Parquet
 contract (:func:`pipeline.features.image_feature_row`); a row that fails anywhere
@@ -54,7 +54,7 @@ class CatalogRow:
                 last_modified: str | None, unchanged: bool) -> FetchedRow:
         """The :class:`FetchedRow` of this row once its bytes (or a 304) came back."""
         return FetchedRow(self.product_id, self.image, self.extra, data, sha256, etag,
-                            last_modified, unchanged, self.previous)
+                          last_modified, unchanged, self.previous)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +81,7 @@ class FetchedRow:
     def decoded(self, pixels: np.ndarray, width: int, height: int) -> DecodedRow:
         """The :class:`DecodedRow` of these bytes: the pixels instead of the bytes."""
         return DecodedRow(self.product_id, self.image, self.extra, self.sha256, self.etag,
-                            self.last_modified, pixels, width, height)
+                          self.last_modified, pixels, width, height)
 
 
 @dataclass(frozen=True, slots=True)

@@ -205,7 +205,7 @@ def test_reuse_stage_turns_unchanged_rows_into_feature_rows_and_passes_the_rest_
     previous = {"product_id": "p1", "image": "old.jpg", "embedding": [1.0, 0.0], "model": MODEL_ID,
                 "sha256": "s1", "width": 10, "height": 20}
     rows = [FetchedRow("p1", "p1.jpg", {"category": "shoes"}, None, "s1", None, None,
-                         unchanged=True, previous=previous),
+                       unchanged=True, previous=previous),
             FetchedRow("p2", "p2.jpg", {}, b"bytes", "s2", None, None, previous=previous)]
     with TestPipeline() as p:
         split = (p | beam.Create(rows)

@@ -48,7 +48,7 @@ def test_concurrent_calls_on_lanes_give_each_caller_its_own_answer(tiny_model):
 
 def _row(i: int, pixels: np.ndarray) -> DecodedRow:
     return DecodedRow(f"p{i}", f"/img/{i}.jpg", {}, f"{i:064x}", None, None, pixels,
-                        TINY_SIZE, TINY_SIZE)
+                      TINY_SIZE, TINY_SIZE)
 
 
 @pytest.mark.parametrize("lanes", [1, 2])

@@ -186,7 +186,7 @@ class ReadImageBytesFn(beam.DoFn):
         unchanged = previous is not None and previous.get("sha256") == sha256
         # An unchanged image's previous embedding is reused: no need to keep the bytes.
         out: FetchedRow = row.fetched(None if unchanged else data, sha256, etag,
-                                        last_modified, unchanged)
+                                      last_modified, unchanged)
         return _Outcome([out], None, len(data), retries, _ms_since(started))
 
 
