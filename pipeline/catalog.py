@@ -10,13 +10,14 @@ empty or unusable manifest is one clear message before any worker starts; the
 rows themselves are read inside the pipeline, so a catalogue of millions of
 rows never passes through the launcher's memory.
 
-Each row becomes a dict: ``product_id``, ``image`` (resolved: an absolute or
-FileSystems path, or an http(s) URL), ``row_number`` (0-based position in the
-manifest; ``None`` for globs) and ``extra`` (the other manifest columns). A row
-that cannot be used (no id, no image, bad encoding, invalid JSON, an id the
-rule of :mod:`pipeline.product_ids` refuses, a broken CSV record) is still
-emitted, with ``invalid`` set to ``(reason, message)``, so that it is counted
-and ends in the errors output instead of vanishing.
+Each row becomes a :class:`pipeline.records.CatalogRow`: ``product_id``,
+``image`` (resolved: an absolute or FileSystems path, or an http(s) URL),
+``row_number`` (0-based position in the manifest; ``None`` for globs) and
+``extra`` (the other manifest columns). A row that cannot be used (no id, no
+image, bad encoding, invalid JSON, an id the rule of :mod:`pipeline.product_ids`
+refuses, a broken CSV record) is still emitted, with ``invalid`` set to
+``(reason, message)``, so that it is counted and ends in the errors output
+instead of vanishing.
 
 Each manifest file is read by one reader call, start to end, streaming: CSV by
 :mod:`pipeline.csv_records` (RFC 4180, multi-line quoted cells, a recovery rule
@@ -49,6 +50,7 @@ from pipeline.product_ids import (
     printable,
     product_id_from,
 )
+from pipeline.records import CatalogRow
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 
@@ -268,7 +270,7 @@ def _shown_text(value):
 
 
 class ManifestRowReader:
-    """Stream the rows of one manifest file as row dicts, one file per call, serially.
+    """Stream the rows of one manifest file as :class:`CatalogRow` records, one file per call.
 
     Why a class: the vectors reader (``transforms/read_vectors.py``) reads the
     same rows with its own Parquet batch reader, by overriding
@@ -278,18 +280,17 @@ class ManifestRowReader:
     def __init__(self, info: CatalogInfo):
         self._info = info
 
-    def rows(self, path: str) -> Iterator[dict]:
+    def rows(self, path: str) -> Iterator[CatalogRow]:
         """Every row of the manifest ``path`` (usable or not, with ``invalid``), in file order."""
         base = _manifest_dir(path)
         readers = {"csv": self._csv_rows, "jsonl": self._jsonl_rows, "parquet": self._parquet_rows}
         for row_number, (where, raw) in enumerate(readers[self._info.kind](path)):
             yield self._to_row(row_number, where, raw, base)
 
-    def _to_row(self, row_number: int, where: str, raw, base: str) -> dict:
+    def _to_row(self, row_number: int, where: str, raw, base: str) -> CatalogRow:
         info = self._info
         if isinstance(raw, tuple):  # (reason, message): the record itself was unusable
-            return {"product_id": None, "image": None, "row_number": row_number, "extra": {},
-                    "invalid": raw}
+            return CatalogRow(None, None, row_number, {}, invalid=raw)
         invalid = None
         id_cell, image_cell = raw.get(info.id_column), raw.get(info.image_column)
         product_id = image = None
@@ -324,17 +325,8 @@ class ManifestRowReader:
             elif isinstance(value, (bytes, str)) or (type_str == "string" and value is not None):
                 value = _cell_to_text(value)
             extra[out] = value
-        row = {
-            "product_id": product_id,
-            "image": image,
-            "row_number": row_number,
-            "extra": extra,
-        }
-        if info.embedding_column:
-            row["vector"] = raw.get(info.embedding_column)
-        if invalid is not None:
-            row["invalid"] = invalid
-        return row
+        vector = raw.get(info.embedding_column) if info.embedding_column else None
+        return CatalogRow(product_id, image, row_number, extra, invalid, vector)
 
     def _csv_rows(self, path: str):
         # One serial, streaming RFC 4180 reader per file (see pipeline.csv_records):

@@ -41,9 +41,9 @@ def read_labels(manifest: str, label_column: str, id_column: str = "product_id",
         raise ValueError(f"{manifest} has no column {label_column!r}")
     labels = {}
     for row in ManifestRowReader(info).rows(manifest):
-        value = row["extra"].get(carried[label_column])
-        if row.get("product_id") and value not in (None, ""):
-            labels[row["product_id"]] = str(value)
+        value = row.extra.get(carried[label_column])
+        if row.product_id and value not in (None, ""):
+            labels[row.product_id] = str(value)
     return labels
 
 

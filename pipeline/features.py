@@ -1,8 +1,9 @@
 """The ``features/`` Parquet contract: its columns, schema and row builder, and its reader.
 
 Every feature row holds the columns of :data:`FEATURE_COLUMNS` (then the carried
-manifest columns, flattened in). The embedding stage, nightly reuse and the
-precomputed-vectors reader build rows with :func:`feature_row`; the writer uses
+manifest columns, flattened in). The embedding stage and nightly reuse build rows
+with :func:`image_feature_row` from a record's fields (:func:`feature_row` takes a row
+mapping); feature rows stay plain dicts, the form the Parquet writer takes. The writer uses
 :func:`features_schema`; the index, the exporters, evaluation and the report read them
 back with :func:`read_feature_matrix`. A change to the contract is an edit here.
 """
@@ -55,19 +56,37 @@ def features_schema(model: ResolvedModel, catalog: Any) -> pa.Schema:
 
 
 def feature_row(row: Mapping[str, Any], embedding: np.ndarray, model_id: str) -> dict:
-    """The Parquet feature row of one embedded image (carried columns flattened in)."""
+    """The Parquet feature row of one row mapping (carried columns flattened in)."""
+    return image_feature_row(row["product_id"], row["image"], embedding, model_id,
+                             sha256=row.get("sha256"), width=row.get("width"),
+                             height=row.get("height"), etag=row.get("etag"),
+                             last_modified=row.get("last_modified"), extra=row.get("extra"))
+
+
+def image_feature_row(product_id: Any, image: Any, embedding: np.ndarray, model_id: str, *,
+                      sha256: str | None, width: int | None, height: int | None,
+                      etag: str | None, last_modified: str | None,
+                      extra: Mapping[str, Any] | None) -> dict:
+    """The Parquet feature row of one embedded image, from its fields.
+
+    Why fields and not a record: the embedder builds it from a
+    :class:`pipeline.records.DecodedRow`, nightly reuse from a
+    :class:`pipeline.records.FetchedRow` plus the previous run's sizes, and the
+    result is the plain dict the Parquet writer takes, columns in schema order
+    with the carried manifest columns flattened in.
+    """
     out = {
-        "product_id": row["product_id"],
-        "image": row["image"],
+        "product_id": product_id,
+        "image": image,
         "embedding": embedding,
         "model": model_id,
-        "sha256": row.get("sha256"),
-        "width": row.get("width"),
-        "height": row.get("height"),
-        "etag": row.get("etag"),
-        "last_modified": row.get("last_modified"),
+        "sha256": sha256,
+        "width": width,
+        "height": height,
+        "etag": etag,
+        "last_modified": last_modified,
     }
-    out.update(row.get("extra") or {})
+    out.update(extra or {})
     return out
 
 

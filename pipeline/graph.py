@@ -17,7 +17,7 @@ from transforms.build_index import BuildIndex
 from transforms.decode import DecodeImageFn
 from transforms.deduplicate import REMOVED, DeduplicateBlocks, DeduplicateProductIds
 from transforms.embed import EmbedImages
-from transforms.errors import ERRORS
+from transforms.errors import ERRORS, error_line
 from transforms.progress_tick import count_as, count_failures
 from transforms.duplicate_groups import WriteDuplicateGroups
 from transforms.neighbor_shards import NEAR_DUPLICATES
@@ -111,7 +111,7 @@ def _build(p, config: RunConfig, rows, valid, unique, has_previous, new_features
     errors = ((valid[ERRORS], unique[ERRORS], *stage_errors)
               | "AllErrors" >> beam.Flatten())
     error_files = (errors
-                   | "ErrorsToJson" >> beam.Map(files.json_line)
+                   | "ErrorsToJson" >> beam.Map(error_line)
                    | "WriteErrors" >> beam.io.WriteToText(
                        files.join(run_dir, ERRORS_DIR, ERRORS_PREFIX),
                        file_name_suffix=".jsonl"))

@@ -2,7 +2,8 @@
 
 A run never crashes on bad input and never drops a row silently: each stage
 that can fail turns the row into one record made by :func:`error_record`, and
-the pipeline writes them all to ``errors/``. The bottom layer (the fetcher, the
+the pipeline writes them all to ``errors/``. The record is a frozen
+:class:`pipeline.records.ErrorRecord`. The bottom layer (the fetcher, the
 decoder, the file reader) raises :class:`RowError`; the Beam wrappers in
 ``transforms/`` catch it, count it (``transforms.errors.count_failure``) and emit
 the record on their ``ERRORS`` tagged output.
@@ -14,6 +15,7 @@ from typing import Any, Mapping
 
 from pipeline.locations import redact_location
 from pipeline.product_ids import redact_userinfo
+from pipeline.records import ErrorRecord
 
 # Stages a row can fail in, in pipeline order.
 STAGE_READ = "read"
@@ -36,8 +38,12 @@ class RowError(Exception):
         self.message = message
 
 
-def error_record(row: Mapping[str, Any], stage: str, reason: str, message: str) -> dict:
+def error_record(row: Any, stage: str, reason: str, message: str) -> ErrorRecord:
     """Build the dead-letter record for ``row`` that failed in ``stage``.
+
+    ``row`` is a record of :mod:`pipeline.records` (any object with
+    ``product_id`` and ``image``) or, on the precomputed-vectors path, a row
+    mapping with those keys.
 
     The record carries what a person needs to find and fix the input: the
     product id, the image location, the stage, a reason code and a sentence.
@@ -47,11 +53,9 @@ def error_record(row: Mapping[str, Any], stage: str, reason: str, message: str) 
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-    image = row.get("image")
-    return {
-        "product_id": None if row.get("product_id") is None else str(row.get("product_id")),
-        "image": redact_location(image),
-        "stage": stage,
-        "reason": reason,
-        "error": redact_userinfo(message),
-    }
+    if isinstance(row, Mapping):
+        product_id, image = row.get("product_id"), row.get("image")
+    else:
+        product_id, image = row.product_id, row.image
+    return ErrorRecord(None if product_id is None else str(product_id),
+                       redact_location(image), stage, reason, redact_userinfo(message))

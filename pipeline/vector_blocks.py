@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import vectors
+from pipeline.records import CatalogRow
 
 # Rows per block out of the reader (one Parquet read batch).
 BLOCK_ROWS = 10_000
@@ -120,15 +121,15 @@ def _text_column(values: list) -> pa.Array:
     return pa.array(values, type=pa.string())
 
 
-def rows_block(rows: list[dict], matrix: np.ndarray, problems: list, carried_fields: list,
+def rows_block(rows: list[CatalogRow], matrix: np.ndarray, problems: list, carried_fields: list,
                dim: int) -> RowBlock:
-    """A block from reader row dicts (``read_catalog`` rules) and their checked vectors.
+    """A block from reader rows (:class:`pipeline.records.CatalogRow`) and their checked vectors.
 
     ``matrix`` is [len(rows), dim] float32 (any values where a row has a problem);
     ``problems`` holds per row None or a :class:`vectors.VectorError`. A row the reader
     refused (``invalid`` set) keeps that reason and no vector problem.
     """
-    invalid = [row.get("invalid") for row in rows]
+    invalid = [row.invalid for row in rows]
     reasons: list = [None] * len(rows)
     messages: list = [None] * len(rows)
     bad = np.zeros(len(rows), dtype=bool)
@@ -143,9 +144,9 @@ def rows_block(rows: list[dict], matrix: np.ndarray, problems: list, carried_fie
         matrix = matrix.copy()
         matrix[bad] = 0.0
     columns = {
-        ROW_NUMBER: pa.array([row.get("row_number") for row in rows], type=pa.int64()),
-        PRODUCT_ID: _text_column([row.get("product_id") for row in rows]),
-        IMAGE: _text_column([row.get("image") for row in rows]),
+        ROW_NUMBER: pa.array([row.row_number for row in rows], type=pa.int64()),
+        PRODUCT_ID: _text_column([row.product_id for row in rows]),
+        IMAGE: _text_column([row.image for row in rows]),
         INVALID_REASON: _text_column([None if v is None else v[0] for v in invalid]),
         INVALID_MESSAGE: _text_column([None if v is None else v[1] for v in invalid]),
         VECTOR_REASON: _text_column(reasons),
@@ -154,7 +155,7 @@ def rows_block(rows: list[dict], matrix: np.ndarray, problems: list, carried_fie
     }
     for field in carried_fields:
         columns[EXTRA_PREFIX + field.name] = pa.array(
-            [(row.get("extra") or {}).get(field.name) for row in rows], type=field.type)
+            [(row.extra or {}).get(field.name) for row in rows], type=field.type)
     return RowBlock(pa.RecordBatch.from_pydict(columns))
 
 

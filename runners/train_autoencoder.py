@@ -77,12 +77,12 @@ def catalog_rows(input_path: str, id_column: str = "product_id",
         return sorted(rows, key=lambda r: r.product_id), invalid
     rows = []
     for raw in ManifestRowReader(info).rows(input_path):
-        if raw.get("invalid"):
-            invalid[f"catalog:{raw['invalid'][0]}"] += 1
-        elif is_url(raw["image"]):
+        if raw.invalid:
+            invalid[f"catalog:{raw.invalid[0]}"] += 1
+        elif is_url(raw.image):
             invalid["read:url_not_supported"] += 1
         else:
-            rows.append(ImageRow(raw["product_id"], raw["image"]))
+            rows.append(ImageRow(raw.product_id, raw.image))
     return rows, invalid
 
 

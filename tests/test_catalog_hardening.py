@@ -407,7 +407,7 @@ def test_parquet_numeric_ids_are_exact_or_refused(tmp_path, values, kind, expect
     path = tmp_path / "catalog.parquet"
     pq.write_table(pa.table({"product_id": pa.array(values, kind),
                              "image": [f"{i}.png" for i in range(len(values))]}), path)
-    got = [r["invalid"][0] if "invalid" in r else r["product_id"] for r in _read(path)]
+    got = [r.invalid[0] if r.invalid is not None else r.product_id for r in _read(path)]
     assert got == expected
 
 

@@ -23,6 +23,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from pipeline import run_layout, run_reader
 from pipeline.catalog import CatalogInfo
 from pipeline.features import feature_row, features_schema
+from pipeline.records import CatalogRow, ErrorRecord, FetchedRow
 from pipeline.run_config import SearchConfig
 from transforms import count_rows
 from transforms.build_index import BuildIndex
@@ -143,9 +144,13 @@ def test_index_stage_refuses_features_of_another_model(tmp_path):
             _ = p | beam.Create([path]) | BuildIndex(out, "other@2", EXACT_TOP_3)
 
 
+def _error(stage: str, reason: str) -> ErrorRecord:
+    return ErrorRecord("p", "p.jpg", stage, reason, "a sentence")
+
+
 def test_count_rows_counts_each_category_and_failures_by_stage_and_reason():
-    errors = [{"stage": "decode", "reason": "truncated"}, {"stage": "read", "reason": "http_404"},
-              {"stage": "decode", "reason": "truncated"}]
+    errors = [_error("decode", "truncated"), _error("read", "http_404"),
+              _error("decode", "truncated")]
     with TestPipeline() as p:
         counted = {count_rows.INPUT: p | "In" >> beam.Create(range(5)),
                    count_rows.EMBEDDED: p | "Emb" >> beam.Create(["x", "y"]),
@@ -160,7 +165,7 @@ def _manifest_pipeline(out: str, inputs: int, embedded: int, failed: int) -> Non
         counts = {count_rows.INPUT: p | "In" >> beam.Create(range(inputs)),
                   count_rows.EMBEDDED: p | "Emb" >> beam.Create(range(embedded)),
                   count_rows.FAILED: p | "Err" >> beam.Create(
-                      [{"stage": "decode", "reason": "corrupt"}] * failed)
+                      [_error("decode", "corrupt")] * failed)
                   } | count_rows.CountRows()
         no_index = p | "NoIndex" >> beam.Create([])
         no_shards = p | "NoShards" >> beam.Create([])
@@ -199,14 +204,15 @@ def test_duplicate_stage_groups_identical_bytes_and_near_duplicate_pairs(tmp_pat
 def test_reuse_stage_turns_unchanged_rows_into_feature_rows_and_passes_the_rest_on():
     previous = {"product_id": "p1", "image": "old.jpg", "embedding": [1.0, 0.0], "model": MODEL_ID,
                 "sha256": "s1", "width": 10, "height": 20}
-    rows = [{"product_id": "p1", "image": "p1.jpg", "unchanged": True, "previous": previous,
-             "extra": {"category": "shoes"}},
-            {"product_id": "p2", "image": "p2.jpg", "data": b"bytes"}]
+    rows = [FetchedRow("p1", "p1.jpg", {"category": "shoes"}, None, "s1", None, None,
+                       unchanged=True, previous=previous),
+            FetchedRow("p2", "p2.jpg", {}, b"bytes", "s2", None, None, previous=previous)]
     with TestPipeline() as p:
         split = (p | beam.Create(rows)
                  | beam.ParDo(SplitUnchangedFn(MODEL_ID)).with_outputs(REUSED, main="rest"))
-        assert_that(split.rest | beam.Map(lambda r: (r["product_id"], sorted(r))),
-                    equal_to([("p2", ["data", "image", "product_id"])]), label="Rest")
+        # A changed row goes on without the previous feature row it no longer needs.
+        assert_that(split.rest | beam.Map(lambda r: (r.product_id, r.data, r.previous)),
+                    equal_to([("p2", b"bytes", None)]), label="Rest")
         assert_that(split[REUSED] | beam.Map(lambda r: (r["product_id"], r["image"], r["width"],
                                                         r["sha256"], r["category"],
                                                         list(r["embedding"]))),
@@ -214,17 +220,16 @@ def test_reuse_stage_turns_unchanged_rows_into_feature_rows_and_passes_the_rest_
 
 
 def test_dedup_stage_keeps_the_first_row_joins_the_previous_run_and_reports_removed_ids():
-    rows = [{"product_id": "p1", "image": "first.jpg", "row_number": 0},
-            {"product_id": "p1", "image": "second.jpg", "row_number": 1},
-            {"product_id": "p2", "image": "p2.jpg", "row_number": 2}]
+    rows = [CatalogRow("p1", "first.jpg", 0), CatalogRow("p1", "second.jpg", 1),
+            CatalogRow("p2", "p2.jpg", 2)]
     previous = [("p2", {"product_id": "p2", "sha256": "s"}), ("gone", {"product_id": "gone"})]
     with TestPipeline() as p:
         out = p | "Rows" >> beam.Create(rows) | DeduplicateProductIds(
             p | "Prev" >> beam.Create(previous))
-        assert_that(out.rows | beam.Map(lambda r: (r["product_id"], r["image"],
-                                                   (r.get("previous") or {}).get("sha256"))),
+        assert_that(out.rows | beam.Map(lambda r: (r.product_id, r.image,
+                                                   (r.previous or {}).get("sha256"))),
                     equal_to([("p1", "first.jpg", None), ("p2", "p2.jpg", "s")]), label="Kept")
-        assert_that(out[ERRORS] | beam.Map(lambda e: (e["product_id"], e["reason"])),
+        assert_that(out[ERRORS] | beam.Map(lambda e: (e.product_id, e.reason)),
                     equal_to([("p1", "duplicate_product_id")]), label="Errors")
         assert_that(out[REMOVED], equal_to(["gone"]), label="Removed")
 

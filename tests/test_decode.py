@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from pipeline.image_decode import DecodedImage, DecodeError, decode_image
+from pipeline.records import FetchedRow
 from transforms.decode import DecodeImageFn
 from transforms.errors import ERRORS
 
@@ -344,9 +345,9 @@ def test_mutated_images_decode_or_raise_decode_error(data):
 def test_decode_fn_routes_good_rows_to_main_and_bad_rows_to_errors():
     good = encode(Image.new("RGB", (40, 20), RED), "PNG")
     rows = [
-        {"product_id": "p1", "image": "/img/p1.png", "row_number": 1, "extra": {"k": "v"}, "data": good},
-        {"product_id": "p2", "image": "/img/p2.jpg", "row_number": 2, "extra": {}, "data": b""},
-        {"product_id": "p3", "image": "/img/p3.jpg", "row_number": 3, "extra": {}, "data": b"<html></html>"},
+        FetchedRow("p1", "/img/p1.png", {"k": "v"}, good, "sha-1", "e1", None),
+        FetchedRow("p2", "/img/p2.jpg", {}, b"", "sha-2", None, None),
+        FetchedRow("p3", "/img/p3.jpg", {}, b"<html></html>", "sha-3", None, None),
     ]
     with test_pipeline.TestPipeline() as p:
         results = (
@@ -356,24 +357,25 @@ def test_decode_fn_routes_good_rows_to_main_and_bad_rows_to_errors():
         )
         summaries = results.decoded | "Summarise" >> beam.Map(
             lambda r: (
-                r["product_id"],
-                r["row_number"],
-                r["extra"],
-                "data" in r,
-                r["pixels"].shape,
-                str(r["pixels"].dtype),
-                r["width"],
-                r["height"],
-                tuple(int(v) for v in r["pixels"][16, 16]),
+                type(r).__name__,
+                r.product_id,
+                r.extra,
+                (r.sha256, r.etag),
+                r.pixels.shape,
+                str(r.pixels.dtype),
+                r.width,
+                r.height,
+                tuple(int(v) for v in r.pixels[16, 16]),
             )
         )
         assert_that(
             summaries,
-            equal_to([("p1", 1, {"k": "v"}, False, (SIZE, SIZE, 3), "uint8", 40, 20, RED)]),
+            equal_to([("DecodedRow", "p1", {"k": "v"}, ("sha-1", "e1"), (SIZE, SIZE, 3),
+                       "uint8", 40, 20, RED)]),
             label="main",
         )
         errors = results[ERRORS] | "Reasons" >> beam.Map(
-            lambda e: (e["product_id"], e["image"], e["stage"], e["reason"])
+            lambda e: (e.product_id, e.image, e.stage, e.reason)
         )
         expected_errors = [
             ("p2", "/img/p2.jpg", "decode", "empty"),

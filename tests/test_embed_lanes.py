@@ -13,6 +13,7 @@ from apache_beam.transforms import window
 
 from pipeline.models import engines
 from pipeline.models.registry import load_model, resolve_model
+from pipeline.records import DecodedRow
 from tests.conftest import TINY_SIZE
 from transforms.embed import EmbedImages
 from transforms.errors import ERRORS
@@ -45,9 +46,9 @@ def test_concurrent_calls_on_lanes_give_each_caller_its_own_answer(tiny_model):
         np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-6)
 
 
-def _row(i: int, pixels: np.ndarray) -> dict:
-    return {"product_id": f"p{i}", "image": f"/img/{i}.jpg", "pixels": pixels,
-            "sha256": f"{i:064x}", "width": TINY_SIZE, "height": TINY_SIZE}
+def _row(i: int, pixels: np.ndarray) -> DecodedRow:
+    return DecodedRow(f"p{i}", f"/img/{i}.jpg", {}, f"{i:064x}", None, None, pixels,
+                      TINY_SIZE, TINY_SIZE)
 
 
 @pytest.mark.parametrize("lanes", [1, 2])
@@ -77,5 +78,5 @@ def test_an_image_the_model_rejects_costs_one_error_row_not_its_batch(tiny_model
         assert_that(out.features | "Ids" >> beam.Map(lambda f: f["product_id"]),
                     equal_to([f"p{i}" for i in range(9) if i != 4]), label="features")
         assert_that(out[ERRORS] | "Why" >> beam.Map(
-            lambda e: (e["product_id"], e["stage"], e["reason"], "shape" in e["error"])),
+            lambda e: (e.product_id, e.stage, e.reason, "shape" in e.error)),
             equal_to([("p4", "embed", "model_error", True)]), label="errors")

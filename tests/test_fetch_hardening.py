@@ -123,6 +123,7 @@ SIGINT_CHILD = textwrap.dedent("""
     from apache_beam.transforms.window import GlobalWindow
     from apache_beam.utils.timestamp import MIN_TIMESTAMP
     from pipeline.http_fetch import FetchConfig
+    from pipeline.records import CatalogRow
     from transforms.read_bytes import ReadImageBytesFn
 
     config = FetchConfig(read_timeout=30, total_timeout=120, max_retries=5, backoff_factor=5,
@@ -131,7 +132,7 @@ SIGINT_CHILD = textwrap.dedent("""
     fn.setup()
     fn.start_bundle()
     for i in range(6):
-        list(fn.process({"product_id": str(i), "image": sys.argv[1] + f"?{i}"}, GlobalWindow(), MIN_TIMESTAMP))
+        list(fn.process(CatalogRow(str(i), sys.argv[1] + f"?{i}", i), GlobalWindow(), MIN_TIMESTAMP))
     print("ready", flush=True)
     list(fn.finish_bundle())  # blocks on downloads that never answer
 """)
@@ -208,7 +209,7 @@ def test_parse_sends_exactly_what_was_checked():
 def test_credentials_never_reach_an_error_record():
     url = "http://user:s3cret@cdn.example/a.jpg"
     record = error_record({"product_id": "p", "image": url}, "read", "credentials_in_url", "x")
-    assert record["image"] == "http://***@cdn.example/a.jpg"
+    assert record.image == "http://***@cdn.example/a.jpg"
     assert redact_location("data:image/png;base64,QUJD").startswith("data:image/png;base64,<")
     assert "QUJD" not in redact_location("data:image/png;base64,QUJD")
 

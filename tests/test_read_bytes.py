@@ -18,6 +18,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from pipeline.file_bytes import read_file_bytes
 from pipeline.http_fetch import FetchConfig
 from pipeline.locations import is_url
+from pipeline.records import CatalogRow, ErrorRecord, FetchedRow
 from pipeline.row_errors import RowError
 from tests.http_fixtures import HTML, JPEG, http_server  # noqa: F401 (fixture)
 from transforms.errors import ERRORS, METRICS_NAMESPACE
@@ -35,25 +36,24 @@ CONFIG = FetchConfig(
 )
 
 
-def row(product_id: str, image: str, n: int = 0) -> dict:
-    return {"product_id": product_id, "image": image, "row_number": n, "extra": {"brand": "acme"}}
+def row(product_id: str, image: str, n: int = 0) -> CatalogRow:
+    return CatalogRow(product_id, image, n, {"brand": "acme"})
 
 
-def main_summary(r: dict) -> tuple:
-    """The fields of a main-output row a test compares (bytes by hash)."""
+def main_summary(r: FetchedRow) -> tuple:
+    """The fields of a main-output record a test compares (bytes by hash)."""
     return (
-        r["product_id"],
-        r["row_number"],
-        r["extra"],
-        hashlib.sha256(r["data"]).hexdigest(),
-        r["sha256"],
-        r["etag"],
-        r["last_modified"],
+        r.product_id,
+        r.extra,
+        hashlib.sha256(r.data).hexdigest(),
+        r.sha256,
+        r.etag,
+        r.last_modified,
     )
 
 
-def error_summary(e: dict) -> tuple:
-    return (e["product_id"], e["stage"], e["reason"], bool(e["error"]), e["image"] is not None)
+def error_summary(e: ErrorRecord) -> tuple:
+    return (e.product_id, e.stage, e.reason, bool(e.error), e.image is not None)
 
 
 def run_read(rows, expected_main, expected_errors, config=CONFIG, max_bytes=None) -> dict:
@@ -61,8 +61,8 @@ def run_read(rows, expected_main, expected_errors, config=CONFIG, max_bytes=None
     with test_pipeline.TestPipeline() as p:
         read = beam.ParDo(ReadImageBytesFn(config, max_bytes)).with_outputs(ERRORS, main="read")
         outputs = p | beam.Create(rows) | read
-        ids = (outputs.read, outputs[ERRORS]) | beam.Flatten() | beam.Map(lambda r: r["product_id"])
-        assert_that(ids, equal_to([r["product_id"] for r in rows]), label="each row exactly once")
+        ids = (outputs.read, outputs[ERRORS]) | beam.Flatten() | beam.Map(lambda r: r.product_id)
+        assert_that(ids, equal_to([r.product_id for r in rows]), label="each row exactly once")
         assert_that(outputs.read | "Main" >> beam.Map(main_summary), equal_to(expected_main), label="main")
         errors = outputs[ERRORS] | "Errors" >> beam.Map(error_summary)
         assert_that(errors, equal_to(expected_errors), label="errors")
@@ -72,7 +72,7 @@ def run_read(rows, expected_main, expected_errors, config=CONFIG, max_bytes=None
 
 def ok(product_id: str, body: bytes, n: int = 0, etag=None, last_modified=None) -> tuple:
     digest = hashlib.sha256(body).hexdigest()
-    return (product_id, n, {"brand": "acme"}, digest, digest, etag, last_modified)
+    return (product_id, {"brand": "acme"}, digest, digest, etag, last_modified)
 
 
 def failed(product_id: str, reason: str) -> tuple:
@@ -176,7 +176,7 @@ def test_reads_in_flight_stay_bounded_and_all_are_emitted(http_server):
         fn.teardown()
     assert lag <= 6
     assert all(isinstance(out, WindowedValue) for out in emitted)
-    assert sorted(out.value["row_number"] for out in emitted) == list(range(40))
+    assert sorted(int(out.value.product_id[1:]) for out in emitted) == list(range(40))
     assert all(out.windows == (GlobalWindow(),) for out in emitted)
 
 
@@ -213,7 +213,7 @@ def test_fast_local_files_are_read_inline_and_slow_ones_overlap(monkeypatch, tmp
     main = threading.current_thread().name
     assert threads[:20] == [main] * 20
     assert all(t.startswith("read-image") for t in threads[-10:])
-    assert sorted(out.value["row_number"] for out in emitted) == list(range(60))
+    assert sorted(int(out.value.product_id[1:]) for out in emitted) == list(range(60))
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can read any file")
 def test_file_without_read_permission_is_unreadable(files):

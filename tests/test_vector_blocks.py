@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import vector_blocks, vectors
+from pipeline.records import CatalogRow
 from pipeline.run import run
 
 DIM = 6
@@ -138,7 +139,7 @@ def test_reuse_under_a_previous_run_with_tiny_blocks(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("buckets", [1, 3, 8])
 def test_keep_first_is_the_same_whatever_the_bucketing(buckets):
-    rows = [{"product_id": pid, "image": None, "row_number": n, "extra": {}}
+    rows = [CatalogRow(pid, None, n, {})
             for n, pid in enumerate(["a", "b", "a", "c", "b", "a", "d"])]
     matrix = np.eye(7, DIM, dtype=np.float32)
     block = vector_blocks.rows_block(rows, matrix, [None] * 7, [], DIM)
@@ -158,7 +159,7 @@ def test_keep_first_is_the_same_whatever_the_bucketing(buckets):
 
 
 def test_block_round_trips_through_its_bytes():
-    rows = [{"product_id": "x", "image": "i.jpg", "row_number": 0, "extra": {"k": "v"}}]
+    rows = [CatalogRow("x", "i.jpg", 0, {"k": "v"})]
     block = vector_blocks.rows_block(rows, np.ones((1, DIM), np.float32), [None], [
         pa.field("k", pa.string())], DIM)
     again = vector_blocks.block_from_bytes(vector_blocks.block_to_bytes(block))

@@ -14,6 +14,8 @@ from collections import Counter
 
 import apache_beam as beam
 
+from pipeline.records import ErrorRecord
+
 INPUT = "input"
 EMBEDDED = "embedded"
 REUSED = "reused"
@@ -21,9 +23,9 @@ REMOVED = "removed"
 FAILED = "failed"
 
 
-def failure_key(error: dict) -> tuple:
+def failure_key(error: ErrorRecord) -> tuple:
     """The tally key of one error record: (FAILED, stage, reason)."""
-    return (FAILED, error["stage"], error["reason"])
+    return (FAILED, error.stage, error.reason)
 
 
 class RunCounts:

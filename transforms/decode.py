@@ -14,15 +14,17 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
 from pipeline.image_decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from pipeline.records import FetchedRow
 from pipeline.row_errors import STAGE_DECODE, error_record
 from transforms.errors import ERRORS, METRICS_NAMESPACE, count_failure
 
 
 class DecodeImageFn(beam.DoFn):
-    """Replace each row's ``data`` bytes by ``pixels``, ``width`` and ``height``.
+    """Decode each :class:`FetchedRow` into a :class:`DecodedRow`.
 
-    Rows whose bytes cannot be decoded go to the ``ERRORS`` output as one
-    dead-letter record each; the rest of the row is carried unchanged.
+    The new record holds ``pixels``, ``width`` and ``height`` instead of the
+    bytes, and carries the rest of the row. Rows whose bytes cannot be decoded
+    go to the ``ERRORS`` output as one dead-letter record each.
     """
 
     def __init__(self, size: int, max_pixels: int = DEFAULT_MAX_PIXELS):
@@ -33,18 +35,14 @@ class DecodeImageFn(beam.DoFn):
         self._max_pixels = max_pixels
         self._decoded = Metrics.counter(METRICS_NAMESPACE, "decoded")
 
-    def process(self, row: dict) -> Iterator:
-        """Decode one row; emit it on the main output or its error on ERRORS."""
+    def process(self, row: FetchedRow) -> Iterator:
+        """Decode one row; emit its decoded record, or its error on ERRORS."""
         try:
-            decoded = decode_image(row.get("data") or b"", self._size, self._max_pixels)
+            decoded = decode_image(row.data or b"", self._size, self._max_pixels)
         except DecodeError as exc:
             count_failure(STAGE_DECODE, exc.reason)
             yield pvalue.TaggedOutput(ERRORS, error_record(row, STAGE_DECODE, exc.reason,
                                                            exc.message))
             return
         self._decoded.inc()
-        out = {k: v for k, v in row.items() if k != "data"}
-        out["pixels"] = decoded.pixels
-        out["width"] = decoded.width
-        out["height"] = decoded.height
-        yield out
+        yield row.decoded(decoded.pixels, decoded.width, decoded.height)

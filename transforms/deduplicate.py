@@ -9,11 +9,13 @@ does not depend on worker scheduling.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Tuple
 
 import apache_beam as beam
 from apache_beam import pvalue
 
+from pipeline.records import CatalogRow
 from pipeline.row_errors import STAGE_READ, error_record
 from pipeline.vector_blocks import (
     IMAGE,
@@ -26,14 +28,14 @@ from pipeline.vector_blocks import (
 from transforms.errors import ERRORS
 
 
-def _order_key(row: dict):
-    number = row.get("row_number")
-    return (number if number is not None else -1, row.get("image") or "")
+def _order_key(row: CatalogRow):
+    number = row.row_number
+    return (number if number is not None else -1, row.image or "")
 
 
-def _describe(row: dict) -> str:
-    number = row.get("row_number")
-    return f"manifest row {number + 1}" if number is not None else str(row.get("image"))
+def _describe(row: CatalogRow) -> str:
+    number = row.row_number
+    return f"manifest row {number + 1}" if number is not None else str(row.image)
 
 
 REMOVED = "removed"
@@ -52,21 +54,21 @@ class _KeepFirstFn(beam.DoFn):
         rows = sorted(rows, key=_order_key)
         kept = rows[0]
         if previous:
-            kept = dict(kept, previous=previous[0])
+            kept = dataclasses.replace(kept, previous=previous[0])
         yield kept
         for dup in rows[1:]:
             yield pvalue.TaggedOutput(ERRORS, error_record(
                 dup, STAGE_READ, "duplicate_product_id",
                 f"product_id {product_id!r} appears {len(rows)} times in the catalogue; "
-                f"kept {_describe(kept)} ({kept.get('image')}), dropped {_describe(dup)}"))
+                f"kept {_describe(kept)} ({kept.image}), dropped {_describe(dup)}"))
 
 
 class DeduplicateProductIds(beam.PTransform):
-    """Keep one row per product id; the others go to the ``errors`` output.
+    """Keep one :class:`CatalogRow` per product id; the others go to the ``errors`` output.
 
     With ``previous`` — (product_id, feature row) pairs of the last good run —
-    each kept row also gets its ``previous`` feature row, and ids only the
-    previous run had come out on the ``removed`` output.
+    each kept row is emitted as a new record with its ``previous`` feature row,
+    and ids only the previous run had come out on the ``removed`` output.
     """
 
     def __init__(self, previous=None):
@@ -74,7 +76,7 @@ class DeduplicateProductIds(beam.PTransform):
         self._previous = previous
 
     def expand(self, rows):
-        keyed = rows | "KeyById" >> beam.Map(lambda row: (row["product_id"], row))
+        keyed = rows | "KeyById" >> beam.Map(lambda row: (row.product_id, row))
         if self._previous is None:
             grouped = keyed | "GroupById" >> beam.GroupByKey()
         else:
@@ -113,14 +115,14 @@ class _KeepFirstBlocksFn(beam.DoFn):
                                 for c in (PRODUCT_ID, ROW_NUMBER, IMAGE))
 
         def row(i):
-            return {"product_id": ids[i], "image": images[i], "row_number": numbers[i]}
+            return CatalogRow(ids[i], images[i], numbers[i])
 
         for dup, kept, count in result.duplicates:
             kept_row, dup_row = row(kept), row(dup)
             yield pvalue.TaggedOutput(ERRORS, error_record(
                 dup_row, STAGE_READ, "duplicate_product_id",
                 f"product_id {ids[kept]!r} appears {count} times in the catalogue; "
-                f"kept {_describe(kept_row)} ({kept_row.get('image')}), dropped "
+                f"kept {_describe(kept_row)} ({kept_row.image}), dropped "
                 f"{_describe(dup_row)}"))
 
 

@@ -21,10 +21,11 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipeline.features import feature_row
+from pipeline.features import image_feature_row
 from pipeline.locations import redact_location
 from pipeline.models.handler import ModelHandler
 from pipeline.models.specs import ResolvedModel
+from pipeline.records import DecodedRow
 from pipeline.row_errors import STAGE_EMBED, error_record
 from transforms.errors import ERRORS, METRICS_NAMESPACE, count_failure
 
@@ -64,7 +65,7 @@ def normalize_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class EmbedBatchFn(beam.DoFn):
-    """Embed a batch of decoded rows; failures go to the ``errors`` output.
+    """Embed a batch of :class:`DecodedRow` records into feature rows; failures to ``errors``.
 
     Model calls run on the model's lanes (``engine.lanes`` threads), up to one
     more batch than there are lanes in flight, while Beam's thread goes on
@@ -96,13 +97,13 @@ class EmbedBatchFn(beam.DoFn):
     def start_bundle(self):
         self._in_flight = collections.deque()
 
-    def _embed_rows(self, rows: list[dict]):
+    def _embed_rows(self, rows: list[DecodedRow]):
         try:
-            return self._handler.run_inference([r["pixels"] for r in rows], self._model), None
+            return self._handler.run_inference([r.pixels for r in rows], self._model), None
         except Exception as exc:  # noqa: BLE001 - isolated per image below
             return None, exc
 
-    def _run_model(self, batch: list[dict]) -> list[tuple]:
+    def _run_model(self, batch: list[DecodedRow]) -> list[tuple]:
         """(row, vector or None, exception or None) per row; runs on a model lane,
         so it touches nothing of Beam's (metrics belong to the bundle's thread)."""
         vectors, failure = self._embed_rows(batch)
@@ -114,7 +115,7 @@ class EmbedBatchFn(beam.DoFn):
             results.append((row, None if exc else single[0], exc))
         return results
 
-    def process(self, batch: list[dict], window=beam.DoFn.WindowParam,
+    def process(self, batch: list[DecodedRow], window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam):
         self._batch_size.update(len(batch))
         self._in_flight.append((self._calls.submit(self._run_model, batch), window, timestamp))
@@ -157,12 +158,14 @@ class EmbedBatchFn(beam.DoFn):
                 continue
             self._embedded.inc()
             # The stored location never holds credentials or tokens (issue 15).
-            stored = {**row, "image": redact_location(row["image"])}
-            yield windowed(feature_row(stored, vector, self._handler.model_id))
+            yield windowed(image_feature_row(
+                row.product_id, redact_location(row.image), vector, self._handler.model_id,
+                sha256=row.sha256, width=row.width, height=row.height, etag=row.etag,
+                last_modified=row.last_modified, extra=row.extra))
 
 
 class EmbedImages(beam.PTransform):
-    """Decoded rows → feature rows (main output) and embed-stage errors."""
+    """:class:`DecodedRow` records → feature-row dicts (main output) and embed-stage errors."""
 
     def __init__(self, model: ResolvedModel, batch_size: int = 32, threads: int = 0,
                  lanes: int = 1):

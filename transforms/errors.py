@@ -8,6 +8,9 @@ them.
 
 from __future__ import annotations
 
+from pipeline import files
+from pipeline.records import ErrorRecord
+
 # Tag of the dead-letter output of every DoFn that can fail.
 ERRORS = "errors"
 
@@ -20,3 +23,8 @@ def count_failure(stage: str, reason: str, amount: int = 1) -> None:
     from apache_beam.metrics import Metrics
 
     Metrics.counter(METRICS_NAMESPACE, f"{stage}_failed_{reason}").inc(amount)
+
+
+def error_line(error: ErrorRecord) -> str:
+    """The ``errors/*.jsonl`` line of one dead-letter record (its fields, in order)."""
+    return files.json_line(error.as_dict())

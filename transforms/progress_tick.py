@@ -8,6 +8,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from pipeline import progress
+from pipeline.records import ErrorRecord
 
 # Beam counters of the same counts, for runners whose workers cannot reach the
 # launcher's status directory (read from the job's metrics when it ends).
@@ -51,9 +52,9 @@ class CountProgressFn(beam.DoFn):
         progress.flush()
 
 
-def failed_counter(error: dict) -> str:
+def failed_counter(error: ErrorRecord) -> str:
     """The progress counter of an error record: ``failed:<stage>``."""
-    return progress.FAILED_PREFIX + str(error.get("stage", "unknown"))
+    return progress.FAILED_PREFIX + str(error.stage)
 
 
 def count_as(name: str, weight: Callable | None = None) -> beam.ParDo:

@@ -32,7 +32,7 @@ from transforms import count_rows
 from transforms.decode import DecodeImageFn
 from transforms.deduplicate import DeduplicateProductIds
 from transforms.embed import EmbedImages
-from transforms.errors import ERRORS
+from transforms.errors import ERRORS, error_line
 from transforms.read_bytes import ReadImageBytesFn
 from transforms.read_catalog import ReadCatalog
 from transforms.validate_rows import SplitInvalidRowsFn
@@ -120,7 +120,7 @@ def build_query_graph(p: beam.Pipeline, catalog: CatalogInfo, model: ResolvedMod
     errors = ((valid[ERRORS], unique[ERRORS], read[ERRORS], decoded[ERRORS], embedded[ERRORS])
               | "AllErrors" >> beam.Flatten())
     error_files = (errors
-                   | "ErrorsToJson" >> beam.Map(files.json_line)
+                   | "ErrorsToJson" >> beam.Map(error_line)
                    | "WriteErrors" >> beam.io.WriteToText(
                        files.join(output, ERRORS_DIR, ERRORS_PREFIX), file_name_suffix=".jsonl"))
     tallies = ({count_rows.INPUT: rows, count_rows.EMBEDDED: embedded.features,

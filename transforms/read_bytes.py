@@ -23,6 +23,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from pipeline.file_bytes import read_file_bytes
 from pipeline.http_fetch import FetchConfig, HttpFetcher
 from pipeline.locations import is_url, location_scheme, redact_location
+from pipeline.records import CatalogRow, FetchedRow
 from pipeline.row_errors import STAGE_READ, RowError, error_record
 from transforms.errors import ERRORS, METRICS_NAMESPACE, count_failure
 
@@ -50,7 +51,10 @@ def _is_local_file(location: Any) -> bool:
 
 
 class ReadImageBytesFn(beam.DoFn):
-    """Add ``data``, ``sha256``, ``etag`` and ``last_modified`` to each row.
+    """Read each :class:`CatalogRow`'s image into a :class:`FetchedRow`.
+
+    The new record carries ``data``, ``sha256``, ``etag`` and ``last_modified``,
+    and the reuse mark ``unchanged``; the input row is never changed.
 
     URLs and object-store paths are read up to ``fetch_config.concurrency``
     at once in a per-instance thread pool, emitted as they finish, so output
@@ -83,9 +87,9 @@ class ReadImageBytesFn(beam.DoFn):
         """Begin a bundle with no reads in flight."""
         self._pending = collections.deque()
 
-    def process(self, row: dict, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam) -> Iterator:
+    def process(self, row: CatalogRow, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam) -> Iterator:
         """Start reading ``row``; emit whichever earlier reads have finished."""
-        if (_is_local_file(row.get("image"))
+        if (_is_local_file(row.image)
                 and self._local_read_ms <= INLINE_READ_MAX_MS):
             started = time.perf_counter()
             outcome = self._read(row)
@@ -114,7 +118,7 @@ class ReadImageBytesFn(beam.DoFn):
             self._fetcher.close()
             self._fetcher = None
 
-    def _emit(self, entry: tuple[Future, dict, Any, Any]) -> Iterator:
+    def _emit(self, entry: tuple[Future, CatalogRow, Any, Any]) -> Iterator:
         """Yield one finished read's outputs and record its metrics (bundle thread)."""
         future, row, timestamp, window = entry
         try:
@@ -141,7 +145,7 @@ class ReadImageBytesFn(beam.DoFn):
             else:
                 yield WindowedValue(output, timestamp, (window,))
 
-    def _read(self, row: dict) -> _Outcome:
+    def _read(self, row: CatalogRow) -> _Outcome:
         """Read one row's bytes (on a pool thread or inline; touches no metrics).
 
         A row carrying ``previous`` (its feature row from the last good run)
@@ -150,8 +154,8 @@ class ReadImageBytesFn(beam.DoFn):
         hash to the same sha256.
         """
         started = time.monotonic()
-        location = row.get("image")
-        previous = row.get("previous")
+        location = row.image
+        previous = row.previous
         # Features store the redacted location (pipeline/locations.py); older runs the raw one.
         same_location = previous is not None and previous.get("image") in (
             location, redact_location(location))
@@ -165,8 +169,8 @@ class ReadImageBytesFn(beam.DoFn):
                     last_modified=previous.get("last_modified") if same_location else None)
                 data, etag, last_modified, retries = result.data, result.etag, result.last_modified, result.retries
                 if result.status == 304:
-                    out = dict(row, data=None, sha256=previous["sha256"], etag=etag,
-                               last_modified=last_modified, unchanged=True)
+                    out = row.fetched(None, previous["sha256"], etag, last_modified,
+                                      unchanged=True)
                     return _Outcome([out], None, 0, retries, _ms_since(started))
             else:
                 data = read_file_bytes(location, self._max_bytes, self._config.total_timeout)
@@ -178,14 +182,11 @@ class ReadImageBytesFn(beam.DoFn):
             message = f"unexpected error reading {redact_location(location)}: {type(exc).__name__}"
             record = error_record(row, STAGE_READ, "internal_error", message)
             return _Outcome([pvalue.TaggedOutput(ERRORS, record)], "internal_error", 0, 0, _ms_since(started))
-        out = dict(row)
-        out["data"] = data
-        out["sha256"] = hashlib.sha256(data).hexdigest()
-        out["etag"] = etag
-        out["last_modified"] = last_modified
-        out["unchanged"] = previous is not None and previous.get("sha256") == out["sha256"]
-        if out["unchanged"]:
-            out["data"] = None  # the previous embedding is reused: no need to keep the bytes
+        sha256 = hashlib.sha256(data).hexdigest()
+        unchanged = previous is not None and previous.get("sha256") == sha256
+        # An unchanged image's previous embedding is reused: no need to keep the bytes.
+        out: FetchedRow = row.fetched(None if unchanged else data, sha256, etag,
+                                      last_modified, unchanged)
         return _Outcome([out], None, len(data), retries, _ms_since(started))
 
 

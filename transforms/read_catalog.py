@@ -16,28 +16,29 @@ import apache_beam as beam
 from apache_beam.io import fileio
 
 from pipeline.catalog import CatalogInfo, ManifestRowReader
+from pipeline.records import CatalogRow
 
 
 class ReadManifestRowsFn(ManifestRowReader, beam.DoFn):
-    """Stream the rows of one manifest file as row dicts, one file per call, serially.
+    """Stream the rows of one manifest file as :class:`CatalogRow` records, one file per call.
 
     A thin DoFn over :class:`pipeline.catalog.ManifestRowReader`; subclasses may
     override the reader's ``_parquet_rows`` (the vectors reader does).
     """
 
-    def process(self, path: str) -> Iterator[dict]:
+    def process(self, path: str) -> Iterator[CatalogRow]:
         """Every row of the manifest ``path``, usable or not."""
         yield from self.rows(path)
 
 
-def _glob_row(metadata) -> dict:
+def _glob_row(metadata) -> CatalogRow:
     path = metadata.path
     stem = posixpath.splitext(posixpath.basename(path.replace("\\", "/")))[0]
-    return {"product_id": stem, "image": path, "row_number": None, "extra": {}}
+    return CatalogRow(stem, path, None, {})
 
 
 class ReadCatalog(beam.PTransform):
-    """All catalogue rows (usable or not).
+    """All catalogue rows (usable or not), as :class:`CatalogRow` records.
 
     The rows are not reshuffled here: the pipeline groups them by product id
     next (duplicate ids), and that grouping already spreads them across

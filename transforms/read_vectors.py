@@ -88,7 +88,7 @@ class ReadVectorBlocksFn(ReadManifestRowsFn):
             yield self._block(rows)
 
     def _block(self, rows: list) -> RowBlock:
-        matrix, problems = vector_blocks.checked_rows([row.pop("vector", None) for row in rows],
+        matrix, problems = vector_blocks.checked_rows([row.vector for row in rows],
                                                       self._dim)
         return vector_blocks.rows_block(rows, matrix, problems, self._fields, self._dim)
 
@@ -232,7 +232,7 @@ def vector_dim(info: CatalogInfo) -> int:
         dim = vectors.parquet_dim(info.input, info.embedding_column)
     else:
         for row in ManifestRowReader(info).rows(info.input):
-            dim = vectors.vector_length(row.get("vector"))
+            dim = vectors.vector_length(row.vector)
             if dim:
                 break
     if not dim:

@@ -11,13 +11,16 @@ manifest's columns. Products no longer in the catalogue are dropped.
 
 from __future__ import annotations
 
+import dataclasses
+
 import apache_beam as beam
 import numpy as np
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
 from pipeline import run_layout
-from pipeline.features import FEATURE_COLUMNS, feature_row
+from pipeline.features import FEATURE_COLUMNS, image_feature_row
+from pipeline.records import FetchedRow
 from transforms.errors import METRICS_NAMESPACE
 
 REUSED = "reused"
@@ -40,19 +43,29 @@ class ReadPreviousFeatures(beam.PTransform):
 
 
 class SplitUnchangedFn(beam.DoFn):
-    """Unchanged rows become feature rows at once (``reused``); others go on to decoding."""
+    """Unchanged rows become feature rows at once (``reused``); others go on to decoding.
+
+    Takes :class:`FetchedRow` records. A changed row goes on as a new record
+    without its ``previous`` feature row (decoding never needs it, and the
+    embedding it holds need not travel further); the input is never changed.
+    """
 
     def __init__(self, model_id: str):
         self._model_id = model_id
         self._reused = Metrics.counter(METRICS_NAMESPACE, "reused")
 
-    def process(self, row: dict):
-        previous = row.pop("previous", None)
-        if row.pop("unchanged", False) and previous is not None:
+    def process(self, row: FetchedRow):
+        """Emit the reused feature row of an unchanged image, or the row to decode."""
+        previous = row.previous
+        if row.unchanged and previous is not None:
             self._reused.inc()
-            current = dict(row, width=previous["width"], height=previous["height"],
-                           sha256=previous["sha256"])
             embedding = np.asarray(previous["embedding"], dtype=np.float32)
-            yield pvalue.TaggedOutput(REUSED, feature_row(current, embedding, self._model_id))
+            yield pvalue.TaggedOutput(REUSED, image_feature_row(
+                row.product_id, row.image, embedding, self._model_id,
+                sha256=previous["sha256"], width=previous["width"],
+                height=previous["height"], etag=row.etag, last_modified=row.last_modified,
+                extra=row.extra))
             return
+        if previous is not None or row.unchanged:
+            row = dataclasses.replace(row, previous=None, unchanged=False)
         yield row

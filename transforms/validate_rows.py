@@ -6,12 +6,13 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
+from pipeline.records import CatalogRow
 from pipeline.row_errors import STAGE_READ, error_record
 from transforms.errors import ERRORS, METRICS_NAMESPACE, count_failure
 
 
 class SplitInvalidRowsFn(beam.DoFn):
-    """Pass usable rows on; turn rows with ``invalid`` set into read-stage errors.
+    """Pass usable :class:`CatalogRow` records on; turn those with ``invalid`` set into errors.
 
     The reader keeps broken rows (no id, no image, bad encoding, bad JSON, an
     id the id rule refuses, a broken CSV record) in the stream so they are
@@ -22,9 +23,10 @@ class SplitInvalidRowsFn(beam.DoFn):
     def __init__(self):
         self._rows = Metrics.counter(METRICS_NAMESPACE, "input_rows")
 
-    def process(self, row):
+    def process(self, row: CatalogRow):
+        """Count the row as input; emit it as is, or its read-stage error record."""
         self._rows.inc()
-        invalid = row.get("invalid")
+        invalid = row.invalid
         if invalid is None:
             yield row
             return
