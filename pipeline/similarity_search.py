@@ -36,8 +36,8 @@ from annoy import AnnoyIndex
 # used for selection (4 / _SELECT_GROUP bytes per pair), rounded up.
 EXACT_TILE_BYTES = 256 * 2**20
 _BYTES_PER_TILE_ENTRY = 4.125
-# Columns per group in the top-k selection (see _tile_top_k); 128 measured
-# fastest of 32/64/128 for np.maximum.reduceat on a 256 x 100k tile.
+# Columns per group in the top-k selection (see _tile_top_k): the group width that
+# measured fastest for np.maximum.reduceat (bench/MEASUREMENTS.md, "Exact search kernel").
 _SELECT_GROUP = 128
 # A tile narrower than this many groups per wanted neighbour (a small
 # catalogue) uses narrower groups: the threshold shortcut needs groups >> k.
@@ -49,18 +49,18 @@ _MIN_TILE_QUERIES = 256
 # Above this many raw vector bytes the Annoy forest is built straight into
 # its memory-mapped file (on_disk_build) instead of in RAM and then saved.
 # An in-memory build holds the whole index (items + tree nodes) in private
-# memory: measured peak anonymous RSS 687 MiB for 100k x 1280 (488 MiB of
-# vectors, 10 trees) and 1082 MiB for 500k x 256 (488 MiB, 59 trees: the
-# trees double the index at low D). Built on disk, 500k x 1280 (2.4 GiB of
-# vectors) peaked at 57 MiB anonymous; the file's pages live in the page
-# cache, which the kernel can write back and evict.
+# memory, more than the vectors themselves (the trees weigh most at low D). Built
+# on disk, the private memory stays small whatever the size; the file's pages live
+# in the page cache, which the kernel can write back and evict. Peak RSS figures:
+# bench/MEASUREMENTS.md, "Annoy build".
 ON_DISK_BUILD_BYTES = 256 * 2**20
 
 # Measured crossover at D=1280, see choose_search.
 EXACT_MAX_N = 55_000
 # Above this many products auto uses the inverted file (pipeline/ivf.py): on the
-# clustered data of bench/neighbors_scale.py at D=256 (where exact is cheapest),
-# 20k: IVF 1.8 s against exact 2.1 s; 100k: 9.3 s against 42.6 s (one run, 2 cores).
+# clustered data of bench/neighbors_scale.py at D=256 (where exact is cheapest) IVF
+# was already the faster at this size, and far faster above it
+# (bench/MEASUREMENTS.md, "Exact search vs IVF").
 IVF_MIN_N = 20_000
 
 # Queries handed to Annoy and re-ranked together; bounds the gathered
@@ -120,8 +120,8 @@ def exact_top_k(
     q_block, v_block = _tile_shape(n_queries, n_vectors, entries)
 
     # One tile buffer reused for every tile: a fresh multi-100 MB array per
-    # tile is page-faulted in again each time (measured 0.95 s instead of
-    # 0.27 s for a 650 x 100k x 256 product).
+    # tile is page-faulted in again each time, which measured slower
+    # (bench/MEASUREMENTS.md, "Exact search kernel").
     tile = np.empty((q_block, v_block), dtype=np.float32)
     for q0 in range(0, n_queries, q_block):
         q1 = min(q0 + q_block, n_queries)
@@ -221,8 +221,9 @@ def _build_here(vectors, tmp_path: str, n_trees: int, seed: int, on_disk: bool) 
     index.set_seed(int(seed))
     if on_disk:
         index.on_disk_build(tmp_path)
-    # Annoy's binding converts a row element by element (~110 ns per value
-    # measured: ~14 s per 100k x 1280); lists are its fastest input.
+    # Annoy's binding converts a row element by element, a cost per value that
+    # adds up to seconds per index (bench/MEASUREMENTS.md, "Annoy build");
+    # lists are its fastest input.
     chunk_rows = max(1, (4 * 2**20) // (4 * dim))
     for start in range(0, n_vectors, chunk_rows):
         chunk = np.asarray(vectors[start : start + chunk_rows], dtype=np.float32)
@@ -571,8 +572,8 @@ def _tile_top_k(sims: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
     split = n_full * group
     # A view, not a copy: only the last axis is split.
     groups = sims[:, :split].reshape(n_rows, n_full, group)
-    # reduceat measured ~2x faster than groups.max(axis=2); it also covers
-    # the short last group.
+    # reduceat measured faster than groups.max(axis=2) (bench/MEASUREMENTS.md,
+    # "Exact search kernel"); it also covers the short last group.
     group_max = np.maximum.reduceat(sims, np.arange(0, n_cols, group), axis=1)
     n_groups = group_max.shape[1]
     threshold = np.partition(group_max, n_groups - kk, axis=1)[:, n_groups - kk]
