@@ -39,10 +39,9 @@ import numpy as np
 # Lists per sqrt(N). Cost per product ~ D * (nlist + nprobe * N / nlist); on
 # catalogue-structured vectors (bench/catalog_vectors.py: variants of a model,
 # product types, categories) a product's top-20 spreads over many small lists,
-# so the nprobe recall@20 >= 0.99 needs grows fast with nlist. Measured at
-# 100k x 256 in one run (steal 0-1 %), nprobe chosen for 0.99: 1 sqrt(N) ->
-# nlist 316, nprobe 16, 22.2 s, recall 0.998; 2 sqrt(N) -> 632, 24, 24.6 s,
-# 0.995; 4 sqrt(N) -> 1265, 48, 40.9 s, 0.998. Hence 1 sqrt(N).
+# so the nprobe recall@20 >= 0.99 needs grows fast with nlist: with nprobe chosen
+# for that target, 1 sqrt(N) ran fastest of 1, 2 and 4 sqrt(N)
+# (bench/MEASUREMENTS.md, "IVF lists and probe passes").
 NLIST_PER_SQRT_N = 1.0
 # Training points per centroid: faiss warns below 39; 40 keeps the sample
 # (and the k-means cost) small while every centroid still has enough points.
@@ -270,9 +269,9 @@ def list_coverage(vectors: np.ndarray, centroids: np.ndarray, k: int,
     *all* the index's vectors (memory-mapped is fine: one exact search of
     ``queries`` rows, ``queries * N * D`` multiply-adds): truth within the
     k-means sample alone is far too pessimistic at scale, as a sample's
-    neighbours are farther apart and spread over more lists (catalogue
-    vectors at 500k x 256: the sample's truth asked for nprobe 32, full
-    truth for 20, which measured recall@20 0.9939 and took 94 s instead of 132 s).
+    neighbours are farther apart and spread over more lists, so it asks
+    for a larger ``nprobe`` than the recall target needs (bench/MEASUREMENTS.md,
+    "IVF lists and probe passes").
     Only the queries and their neighbours are assigned to lists.
     """
     from pipeline import similarity_search
@@ -381,13 +380,12 @@ def probe_passes(nprobe: int) -> list[tuple[int, int]]:
     """Probe columns ``[j0, j1)`` searched together: the own list, then all the others.
 
     Pass 0 (each row's own list) gives every row a k-th best, and that
-    threshold alone prunes all but ~0.6 % of the later entries. Searching
+    threshold alone prunes nearly all of the later entries. Searching
     the other ``nprobe - 1`` columns in one sweep keeps the GEMM blocks
-    large (all of a list's probing queries at once). Measured at 100k x 256
-    (catalogue vectors, nprobe 16, one run, load ~3.7): one later pass
-    13.1 s with 3.51M survivors, doubling passes (1, 2-3, 4-7, 8-15) 17.3 s
-    with 3.48M, one pass per column 31.7 s: small blocks lose more to BLAS
-    call and thread overhead than the tighter thresholds save.
+    large (all of a list's probing queries at once); it measured faster than
+    doubling passes or one pass per column: small blocks lose more to BLAS
+    call and thread overhead than the tighter thresholds save
+    (bench/MEASUREMENTS.md, "IVF lists and probe passes").
     """
     return [(0, 1)] + ([(1, nprobe)] if nprobe > 1 else [])
 

@@ -24,8 +24,9 @@ members and queries in memory):
    ``FarListFn``: exact cosine of the probing rows against the members, in
    tiles, keeping only entries at or above a row's floor (at most k per
    row). An entry below the floor can never enter the row's top-k, so the
-   result is the same as keeping every list's top-k, but ~99 % of entries
-   are dropped by one comparison and few candidates are shuffled on.
+   result is the same as keeping every list's top-k, but nearly all entries
+   are dropped by one comparison and few candidates are shuffled on (the
+   share kept: bench/MEASUREMENTS.md, "IVF lists and probe passes").
 6. ``GroupByKey`` on the shard, then ``MergeWriteFn``: merge the candidates
    of the shard's rows (ties by row), write the shard's ``neighbors/`` and
    flat-pair files exactly like the exact stage, and measure recall on the
