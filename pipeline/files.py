@@ -89,7 +89,8 @@ def write_json(path: str, obj) -> None:
 
 
 # One encoder for every JSON line: json.dumps builds a new encoder per call when
-# given options (measured 2.4 vs 1.7 µs per neighbour pair).
+# given options, which measured slower per neighbour pair (bench/MEASUREMENTS.md,
+# "JSON encoding").
 _JSON_LINE = json.JSONEncoder(ensure_ascii=False).encode
 
 
@@ -133,9 +134,9 @@ def write_jsonl(path: str, records) -> None:
     """Write JSON records one per line, atomically, with orjson.
 
     The neighbour and pair files hold ~20 lines per product; orjson encodes
-    them ~7x faster than the json module (measured 37 vs 5 ms per 20,000
-    pairs). Compact separators, UTF-8 text as is except line-breaking
-    characters (see :func:`escape_line_breaks`).
+    them faster than the json module (bench/MEASUREMENTS.md, "JSON encoding").
+    Compact separators, UTF-8 text as is except line-breaking characters (see
+    :func:`escape_line_breaks`).
     """
     write_bytes(path, escape_line_breaks(
         b"".join(orjson.dumps(record) + b"\n" for record in records)))

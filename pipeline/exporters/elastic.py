@@ -91,8 +91,9 @@ def encode_document(doc: dict) -> bytes:
     """A document as compact UTF-8 JSON, one line.
 
     orjson writes a float32 embedding with the shortest digits that read back
-    as the same float32 — exact, about 12 bytes a component, and some 15× faster
-    than formatting floats with the standard library.
+    as the same float32 — exact, about 12 bytes a component, and faster than
+    formatting floats with the standard library (bench/MEASUREMENTS.md, "JSON
+    encoding").
     """
     return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
 
