@@ -116,7 +116,8 @@ def feature_files(features_dir: str) -> list[str]:
 
 def _read_table(path: str, columns: list[str]) -> pa.Table:
     # ParquetFile, not pq.read_table: the latter first imports pyarrow.dataset,
-    # ~65 ms of every run for a single-file read.
+    # an import every run would pay for a single-file read
+    # (bench/MEASUREMENTS.md, "Parquet feature shards").
     with FileSystems.open(path) as handle:
         return pq.ParquetFile(pa.PythonFile(handle, mode="r")).read(columns=columns)
 
@@ -142,7 +143,8 @@ def read_feature_matrix(paths: list[str], extra_columns=()) -> FeatureMatrix:
     ids = table.column("product_id").to_pylist()
     embedding = table.column("embedding").combine_chunks()
     # The list values between the first and last offsets, not .flatten(): that
-    # loads pyarrow.compute, ~30 ms of every run.
+    # loads pyarrow.compute, another import every run would pay
+    # (bench/MEASUREMENTS.md, "Parquet feature shards").
     offsets = embedding.offsets
     start, end = (offsets[0].as_py(), offsets[-1].as_py()) if len(embedding) else (0, 0)
     flat = (embedding.values.slice(start, end - start).to_numpy(zero_copy_only=False)
