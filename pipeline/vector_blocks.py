@@ -3,8 +3,8 @@
 A run on precomputed vectors (``--embedding_column``) moves every manifest row
 from the reader to ``features/``. Carried one row per Beam element, the per-
 element cost (coders, DoFn calls, a GroupByKey over every row for duplicate
-ids) was about 0.25 ms a row (a 50k x 256 ``--features_only`` run: 12.5 s; in
-blocks: 3.1 s, one run each on a shared 2-core machine). Here the rows travel in blocks of
+ids) made up most of such a run's time (bench/MEASUREMENTS.md, "Precomputed-vector
+blocks"). Here the rows travel in blocks of
 about :data:`BLOCK_ROWS`: one Arrow record batch holding the row numbers, ids,
 images, the reader's row problems, the checked unit vectors (a
 ``fixed_size_list<float32, D>`` column) and the carried manifest columns

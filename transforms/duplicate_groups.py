@@ -147,8 +147,9 @@ class WriteDuplicateGroups(beam.PTransform):
         # Every block under one key, plus one empty block so that a run without any pair
         # still writes the file. A GroupByKey, not a combine or a side input: Beam's
         # CombineGlobally hands its result on through a side input, and a side input is
-        # sized for the cache by walking every object in it (7 s for the 1.1M pairs of 200k
-        # catalogue-like products); a grouped value is streamed to the one writer.
+        # sized for the cache by walking every object in it (seconds for a large catalogue's
+        # pairs: bench/MEASUREMENTS.md, "Duplicate pairs to the group writer"); a grouped
+        # value is streamed to the one writer.
         blocks = ((identical, similar) | "AllPairs" >> beam.Flatten()
                   | "Filled" >> beam.Filter(len))
         empty = features.pipeline | "Once" >> beam.Impulse() | "NoPairs" >> beam.Map(

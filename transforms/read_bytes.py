@@ -40,9 +40,9 @@ class _Outcome:
 
 
 # A local file read faster than this (on average) is read on the bundle thread:
-# handing it to the pool costs more than the read (measured: 1,000 page-cached
-# catalogue JPEGs, 0.016 s inline vs 0.15 s through the pool). Slower "local"
-# paths — a network mount — go back to the pool, where reads overlap.
+# handing it to the pool costs more than the read (bench/MEASUREMENTS.md, "Local
+# paths and reads"). Slower "local" paths — a network mount — go back to the pool,
+# where reads overlap.
 INLINE_READ_MAX_MS = 2.0
 
 
