@@ -1,8 +1,8 @@
 """How a model runs on a worker: TensorFlow SavedModel, the TFLite (LiteRT) interpreter, numpy.
 
 On CPUs, the LiteRT interpreter with XNNPACK runs the same float32 network
-2–3× faster than TensorFlow eager/graph execution (measured by
-``bench/embed_throughput.py``), so a model is converted once to a float32
+faster than TensorFlow eager/graph execution (``bench/embed_throughput.py``,
+figures in bench/MEASUREMENTS.md), so a model is converted once to a float32
 ``.tflite`` file, cached next to the SavedModel, and used when its embeddings
 match the SavedModel's on a probe batch (that check and its record are the
 model handler's, :mod:`pipeline.models.handler`). Every engine exposes the same

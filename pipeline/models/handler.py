@@ -95,9 +95,10 @@ def record_verification(tflite_path: str, model_id: str, cosine: float) -> None:
 def choose_engine(requested: str, model, source: ModelSource, model_id: str, size: int) -> str:
     """The engine a run uses: TFLite where it converts and matches, else the SavedModel.
 
-    Why: TFLite runs 2-3x faster on CPUs, but only a conversion that gives the
-    SavedModel's embeddings (cosine >= ``MIN_PROBE_COSINE`` on a fixed probe
-    batch) may stand in for it; the match is recorded for :func:`verified_tflite`.
+    Why: TFLite runs faster on CPUs (bench/MEASUREMENTS.md, "Model engines"),
+    but only a conversion that gives the SavedModel's embeddings (cosine >=
+    ``MIN_PROBE_COSINE`` on a fixed probe batch) may stand in for it; the match
+    is recorded for :func:`verified_tflite`.
     ``--engine=tflite`` turns a failed conversion or a mismatch into an error.
     """
     if requested == "savedmodel":
