@@ -42,7 +42,7 @@ _COLUMNS = {
 }
 # Embeddings do not compress, and nobody filters on their elements: storing them
 # uncompressed and skipping their statistics makes COPY faster and ANALYZE almost
-# free (per-element array statistics took 12 s for 20,000 1280-d rows; 0.01 s without).
+# free (bench/MEASUREMENTS.md, "PostgreSQL export").
 _AFTER_CREATE = {
     EMBEDDINGS: "ALTER TABLE {} ALTER COLUMN embedding SET STORAGE EXTERNAL, "
                 "ALTER COLUMN embedding SET STATISTICS 0",
