@@ -23,8 +23,9 @@ import dataclasses
 from dataclasses import dataclass
 
 PROFILES_ORDER = ("fast", "balanced", "best")
-# Not yet balanced, although it measured P@10 0.7749 (>= 0.77) on the shared
-# products: its per-catalogue steps (PCA fit, then DBA's exact kNN graph, N^2)
+# Not yet balanced, although it met the P@10 >= 0.77 target on the shared products
+# (bench/MEASUREMENTS.md, "Quality recipes"): its per-catalogue steps (PCA fit, then
+# DBA's exact kNN graph, N^2)
 # run on all vectors in one worker (transforms/search_space.py), which a
 # million-product nightly run cannot afford, and it changes every run's
 # similarities (duplicate groups included). Issue 20 tracks the switch.
@@ -72,12 +73,12 @@ PROFILES: dict[str, Recipe] = {
     # Same embedding cost as fast (post-processing only): PCA to 256 axes with
     # partial whitening (each axis scaled by eigenvalue ** -0.2; 0 is plain PCA,
     # 0.5 full whitening), then DBA on the 10 nearest. bench/quality_candidates.py on the shared
-    # products: power 0.15-0.25 at 256-512 axes all scored 0.770-0.772 (a plateau;
-    # 0.2 is its middle), plain PCA 0.765, full whitening 0.759.
-    # Figures: README, "Quality profiles".
+    # products: power 0.15-0.25 at 256-512 axes formed a plateau, above plain PCA and full
+    # whitening; 0.2 is its middle. Figures: bench/MEASUREMENTS.md, "Quality recipes", and
+    # README, "Quality profiles".
     "balanced": Recipe("balanced", whiten_dim=256, whiten_power=0.2, dba_k=10, dba_alpha=3.0),
-    # More axes kept, with the milder power that scored best at 512 (0.7715 on Lite0
-    # in the same sweep). On Lite0 it is no better than balanced: it pays off with the
+    # More axes kept, with the milder power that scored best at 512 (on Lite0 in the
+    # same sweep). On Lite0 it is no better than balanced: it pays off with the
     # stronger backbone (--model=efficientnet_lite2, README "Quality profiles").
     "best": Recipe("best", whiten_dim=512, whiten_power=0.15, dba_k=10, dba_alpha=3.0),
 }
