@@ -553,10 +553,10 @@ def _mask_self(sims: np.ndarray, rows: np.ndarray, v0: int, v1: int) -> None:
 def _tile_top_k(sims: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
     """Top ``kk`` columns of each row of ``sims`` by (similarity desc, column asc).
 
-    A full ``np.partition`` of every row costs ~10 ns per entry, more than
-    the matrix product itself at D=256. Instead: split each row into groups
-    of ``_SELECT_GROUP`` columns (the last one may be shorter) and take each
-    group's max, one vectorised pass. The kk-th largest group max ``t`` is a
+    A full ``np.partition`` of every row costs more than the matrix product
+    itself at D=256 (bench/MEASUREMENTS.md, "Exact search kernel"). Instead:
+    split each row into groups of ``_SELECT_GROUP`` columns (the last one may
+    be shorter) and take each group's max, one vectorised pass. The kk-th largest group max ``t`` is a
     lower bound on the row's kk-th largest value, so every top-kk entry
     (ties included) is >= t and lies in a group whose max is >= t. Only those
     few groups are gathered and sorted, ties broken by column. Narrow tiles
