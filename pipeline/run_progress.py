@@ -79,7 +79,7 @@ def expected_rows(kind: str, path: str) -> tuple[int | None, bool]:
 class ProgressReporter:
     """Shows progress from the status files in ``directory`` until :meth:`stop`."""
 
-    def __init__(self, directory: str, total: int | None, interval: float = 30.0,
+    def __init__(self, directory: str, total: int | None, interval: float = 30.0, *,
                  stream=None, tty: bool | None = None, exact_total: bool = True):
         self.directory = directory
         self.total = total
@@ -252,7 +252,7 @@ class RunProgress:
     """Progress for one run: a status directory shared with local workers, or for remote
     workers one line saying live counts are not available and a final line from metrics."""
 
-    def __init__(self, enabled: bool, total: int | None, exact_total: bool, interval: float,
+    def __init__(self, enabled: bool, total: int | None, exact_total: bool, interval: float, *,
                  local: bool = True, runner: str = "DirectRunner", stream=None):
         self.enabled = enabled
         self.local = local

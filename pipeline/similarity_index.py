@@ -224,7 +224,7 @@ class SimilarityIndex:
     """
 
     def __init__(self, run_dir: str, manifest: dict, partitions: list[_Partition],
-                 pca: tuple[np.ndarray, np.ndarray] | None, model: ResolvedModel | None,
+                 pca: tuple[np.ndarray, np.ndarray] | None, *, model: ResolvedModel | None,
                  threads: int, lanes: int, fetch_config=None, max_image_pixels: int = 50_000_000):
         self.run_dir = run_dir
         self.manifest = manifest
@@ -304,8 +304,8 @@ class SimilarityIndex:
         if os.path.isfile(os.path.join(index_root, PCA_MEAN_FILE)):
             pca = (np.load(os.path.join(index_root, PCA_MEAN_FILE), allow_pickle=False),
                    np.load(os.path.join(index_root, PCA_COMPONENTS_FILE), allow_pickle=False))
-        index = cls(run_dir, manifest, parts, pca, None, threads, lanes, fetch_config,
-                    max_image_pixels)
+        index = cls(run_dir, manifest, parts, pca, model=None, threads=threads, lanes=lanes,
+                    fetch_config=fetch_config, max_image_pixels=max_image_pixels)
         space_path = os.path.join(index_root, SPACE_FILE)
         if os.path.isfile(space_path):
             space = _read_json(space_path)
