@@ -95,11 +95,10 @@ def read_records(path: str) -> list:
 
 
 def read_pipeline_rows(path: str) -> list:
-    from pipeline.catalog import inspect_catalog
-    from transforms.read_catalog import ReadManifestRowsFn
+    from pipeline.catalog import ManifestRowReader, inspect_catalog
 
     info = inspect_catalog(path)
-    return list(ReadManifestRowsFn(info).process(path))
+    return list(ManifestRowReader(info).rows(path))
 
 
 def read_csv_module(path: str) -> list:
@@ -147,7 +146,7 @@ def main() -> int:
 
     import pyarrow.csv  # noqa: F401 - imported before timing, as a worker has them loaded
 
-    import transforms.read_catalog  # noqa: F401
+    import pipeline.catalog  # noqa: F401
 
     failures = []
     rows = make_rows(args.rows, args.seed)

@@ -54,7 +54,7 @@ def measure_raw(model: str, engine: str, threads: int, batch: int, seconds: floa
 
     import numpy as np
 
-    from transforms.embed import configure_tf_threads
+    from pipeline.models.engines import configure_tf_threads
 
     configure_tf_threads(threads)
     resolved, run = _engine(model, engine, threads, lanes)

@@ -25,7 +25,6 @@ from the timings of the same embed run.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -35,20 +34,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.cpu_steal import StealMeter
+from bench.quality_scores import read_catalog
 
 DEFAULT_CATALOG = "/work/shared/data/products/catalog.csv"
 DEFAULT_CACHE = "/tmp/quality_cache"
 GEM_P = 3.0
-
-
-def read_catalog(path: str) -> list[dict]:
-    """Rows of the labelled catalogue, sorted by product id (the pipeline's order)."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    root = os.path.dirname(path)
-    for row in rows:
-        row["path"] = os.path.join(root, row["image"])
-    return sorted(rows, key=lambda r: r["product_id"])
 
 
 def feature_map_tflite(variant: str, size: int, cache: str) -> str:
@@ -104,8 +94,8 @@ def _pool(fmap: np.ndarray) -> dict[str, np.ndarray]:
 
 def embed_view(rows, model_path: str, size: int, transform, pools, threads: int = 2):
     """Pooled features of every row's image under ``transform`` (pixels → pixels)."""
+    from pipeline.image_decode import decode_image
     from pipeline.models.engines import TfliteEngine
-    from transforms.decode import decode_image
 
     engine = TfliteEngine(model_path, threads=threads, lanes=1)
     out = {p: np.zeros((len(rows), 1280), np.float32) for p in pools}

@@ -8,6 +8,7 @@ Labels are read only here, to score; no candidate sees them.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 
@@ -17,6 +18,16 @@ from pipeline import postprocess, similarity_search
 from pipeline.postprocess import unit_rows
 
 K = 10
+
+
+def read_catalog(path: str) -> list[dict]:
+    """Rows of the labelled catalogue, sorted by product id (the pipeline's order)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    root = os.path.dirname(path)
+    for row in rows:
+        row["path"] = os.path.join(root, row["image"])
+    return sorted(rows, key=lambda r: r["product_id"])
 
 
 def load(cache: str, name: str) -> np.ndarray:
@@ -78,7 +89,6 @@ def precision_from_sims(sims: np.ndarray, labels: np.ndarray, k: int = K) -> flo
 
 def cmd_score(args) -> int:
     """Print the candidate table (see the module docstring)."""
-    from bench.quality_candidates import read_catalog
 
     ids = json.load(open(os.path.join(args.cache, "ids.json")))
     rows = {r["product_id"]: r for r in read_catalog(args.catalog)}

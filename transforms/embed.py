@@ -23,6 +23,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.features import image_feature_row
 from pipeline.locations import redact_location
+from pipeline.models.engines import configure_tf_threads
 from pipeline.models.handler import ModelHandler
 from pipeline.models.specs import ResolvedModel
 from pipeline.records import DecodedRow
@@ -35,23 +36,6 @@ class _ModelHolder:
 
     def __init__(self, model):
         self.model = model
-
-
-def configure_tf_threads(threads: int) -> None:
-    """Cap TensorFlow's thread pools so worker processes don't oversubscribe cores.
-
-    Must run before TensorFlow starts its runtime in the process; if it already
-    has (an in-process runner that loaded the model at start-up), it is a no-op.
-    """
-    if threads <= 0:
-        return
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
-    except RuntimeError:
-        pass
 
 
 def normalize_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

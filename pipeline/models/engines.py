@@ -36,6 +36,23 @@ TFLITE_CONVERSION_VERSION = 1
 PREFERRED_BATCH = {"tflite": 2, "savedmodel": 8, "numpy": 8}
 
 
+def configure_tf_threads(threads: int) -> None:
+    """Cap TensorFlow's thread pools so worker processes don't oversubscribe cores.
+
+    Must run before TensorFlow starts its runtime in the process; if it already
+    has (an in-process runner that loaded the model at start-up), it is a no-op.
+    """
+    if threads <= 0:
+        return
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
+    except RuntimeError:
+        pass
+
+
 def preferred_batch(engine: str) -> int:
     """Images per model call that ran fastest for this engine where it was measured."""
     return PREFERRED_BATCH[engine]
