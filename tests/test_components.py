@@ -28,7 +28,7 @@ from pipeline.run_config import SearchConfig
 from transforms import count_rows
 from transforms.build_index import BuildIndex
 from transforms.deduplicate import REMOVED, DeduplicateProductIds
-from transforms.duplicate_groups import WriteDuplicateGroups
+from transforms.duplicate_groups import WriteDuplicateGroups, group_pair_blocks
 from transforms.errors import ERRORS
 from transforms.query_neighbors import QueryNeighbors
 from transforms.reuse_previous import REUSED, SplitUnchangedFn
@@ -199,6 +199,18 @@ def test_duplicate_stage_groups_identical_bytes_and_near_duplicate_pairs(tmp_pat
     groups = [json.loads(line) for line in path.read_text().splitlines()]
     assert [g["products"] for g in groups] == [["p1", "p2"], ["p3", "p4"]]
     assert [g["identical_bytes"] for g in groups] == [True, False]
+
+
+def test_duplicate_groups_do_not_depend_on_how_pairs_are_split_into_blocks():
+    pairs = [("p4", "p5", 0.98, None), ("p1", "p2", 1.0, "s"), ("p2", "p3", 0.975, None),
+             ("p5", "p6", 0.99, None), ("p1", "p3", 1.0, "s"), ("p7", "p8", 0.97, None)]
+    one = group_pair_blocks([pairs])
+    assert group_pair_blocks([pairs[3:], [], pairs[:1], pairs[1:3][::-1]]) == one
+    assert [(g["products"], g["min_link_similarity"], g["identical_bytes"]) for g in one] == [
+        (["p1", "p2", "p3"], 0.975, True), (["p4", "p5", "p6"], 0.98, False),
+        (["p7", "p8"], 0.97, False)]
+    assert one[0]["same_image_bytes"] == [["p1", "p2", "p3"]]
+    assert group_pair_blocks([[]]) == []
 
 
 def test_reuse_stage_turns_unchanged_rows_into_feature_rows_and_passes_the_rest_on():

@@ -29,21 +29,13 @@ def _identical_pairs(keyed):
         yield (first, other, 1.0, sha256)
 
 
-def group_pairs(pairs) -> list[dict]:
+def group_pair_blocks(blocks) -> list[dict]:
     """Connected groups of linked products (union-find), in a deterministic order.
 
-    ``pairs`` are (product_a, product_b, similarity, sha256 or None): a sha256
-    marks a byte-identical link. A group is ``identical_bytes`` when all of its
-    products share one image file content.
-    """
-    pairs = list(pairs)
-    return group_pair_blocks([pairs])
-
-
-def group_pair_blocks(blocks) -> list[dict]:
-    """:func:`group_pairs` over blocks (lists) of pairs, iterated twice instead of copied.
-
-    ``blocks`` must be re-iterable (a list, or a grouped value of Beam's
+    Pairs are (product_a, product_b, similarity, sha256 or None): a sha256
+    marks a byte-identical link; a group is ``identical_bytes`` when all of its
+    products share one image file content. They come in blocks (lists), which
+    must be re-iterable (a list, or a grouped value of Beam's
     GroupByKey): the first pass links the products, the second collects each
     group's products, similarities and identical-bytes sets, so no list of
     every pair is built beside the input. The result does not depend on the
