@@ -116,7 +116,8 @@ def shard_lines(id_json: np.ndarray, product_ids, query_rows: np.ndarray, indice
     counts = keep.sum(axis=1)
     r_idx, c_idx = np.nonzero(keep)  # row-major: rows in order, neighbours best first
     nbr = indices[r_idx, c_idx]
-    sim_text = _similarity_texts(units[r_idx, c_idx])
+    kept_units = units[r_idx, c_idx]
+    sim_text = _similarity_texts(kept_units)
     masters = id_json[query_rows]
     entries = (b'{"product_id":' + id_json[nbr] + b',"similarity":' + sim_text + b"}"
                if len(nbr) else np.empty(0, dtype=object))
@@ -128,11 +129,11 @@ def shard_lines(id_json: np.ndarray, product_ids, query_rows: np.ndarray, indice
              + id_json[nbr] + b"}\n") if len(nbr) else np.empty(0, dtype=object)
     near: list = []
     if duplicate_threshold is not None and len(nbr):
-        strong = np.flatnonzero(units[r_idx, c_idx] / _SCALE >= duplicate_threshold)
+        strong = np.flatnonzero(kept_units / _SCALE >= duplicate_threshold)
         for at in strong.tolist():
             a, b = product_ids[query_rows[r_idx[at]]], product_ids[nbr[at]]
             if a < b:
-                near.append((a, b, float(units[r_idx[at], c_idx[at]]) / _SCALE))
+                near.append((a, b, float(kept_units[at]) / _SCALE))
     return ShardLines(neighbors=b"".join(lines), pairs=b"".join(pairs.tolist()),
                       rows=len(query_rows), pair_count=len(nbr),
                       full_lists=int((counts >= full_length).sum()), near_duplicates=near)
