@@ -31,6 +31,8 @@ import re
 import numpy as np
 from annoy import AnnoyIndex
 
+from pipeline import annoy_forests
+
 # Bound on the temporary memory of one exact-search tile: the float32
 # similarity tile (4 bytes per query x vector pair) plus the per-group maxima
 # used for selection (4 / _SELECT_GROUP bytes per pair), rounded up.
@@ -161,10 +163,15 @@ def build_annoy_index(
     """Build an angular Annoy forest over ``vectors`` (row i = item i) and write it to ``path``.
 
     Deterministic: the same vectors, ``n_trees`` and ``seed`` give a
-    byte-identical file, because the seed is fixed and trees are built on one
-    thread (Annoy's multi-threaded build appends trees in completion order).
+    byte-identical file. Annoy's own multi-threaded build appends trees in
+    completion order, so it is not used; instead a big forest is built as the
+    fixed sub-forests of :func:`pipeline.annoy_forests.forest_plan` (each on one
+    thread with its own seed, all at once) and merged into one file, which a
+    shop loads like any Annoy index. The plan depends on the catalogue size and
+    ``n_trees`` only, never on the machine.
+
     With ``on_disk`` (default: when ``vectors.nbytes > ON_DISK_BUILD_BYTES``)
-    the forest is built directly in a memory-mapped file so the build's
+    the forest is built directly in memory-mapped files so the build's
     anonymous memory stays small whatever N is; otherwise it is built in RAM
     and saved. The file is written under a temporary name and renamed, so a
     crash never leaves a truncated index at ``path``.
@@ -172,11 +179,11 @@ def build_annoy_index(
     A full disk must be an error, not a dead process: Annoy grows its mapped
     file with ``ftruncate`` and writes through the mapping, and a page the
     filesystem cannot back kills the writer with SIGBUS. So the on-disk build
-    first checks that the items alone fit (``ENOSPC`` at once otherwise) and,
-    with ``isolated``, runs in a child process (``pipeline/annoy_child.py``):
-    a child killed by SIGBUS is reported as ``OSError(ENOSPC)`` naming
-    ``path``. The in-memory build saves with plain writes, which report
-    ENOSPC themselves.
+    first checks that the items of every sub-forest fit (``ENOSPC`` at once
+    otherwise) and, with ``isolated``, runs in child processes
+    (``pipeline/annoy_child.py``): a child killed by SIGBUS is reported as
+    ``OSError(ENOSPC)`` naming ``path``. The in-memory build saves with plain
+    writes, which report ENOSPC themselves.
     """
     n_vectors, dim = _matrix_shape(vectors, "vectors")
     if n_vectors == 0:
@@ -187,17 +194,23 @@ def build_annoy_index(
         on_disk = vectors.nbytes > ON_DISK_BUILD_BYTES
     path = os.fspath(path)
     tmp_path = f"{path}.building"
+    plan = annoy_forests.forest_plan(n_vectors, int(n_trees), int(seed))
+    parts = [tmp_path] if len(plan) == 1 else [f"{tmp_path}.{i}" for i in range(len(plan))]
     try:
         if on_disk:
-            _check_annoy_space(path, n_vectors, dim)
+            _check_annoy_space(path, n_vectors, dim, len(plan))
         if on_disk and isolated:
-            _build_in_child(vectors, path, tmp_path, n_trees, seed)
+            _build_in_children(vectors, path, list(zip(parts, plan)))
         else:
-            _build_here(vectors, tmp_path, n_trees, seed, on_disk)
+            _build_in_threads(vectors, list(zip(parts, plan)), on_disk)
+        if len(plan) > 1:
+            annoy_forests.merge_forests(parts, [part.n_trees for part in plan], n_vectors, dim,
+                                        tmp_path)
         os.replace(tmp_path, path)
     except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
+        for leftover in {tmp_path, *parts}:
+            if os.path.exists(leftover):
+                os.unlink(leftover)
         raise
 
 
@@ -205,10 +218,10 @@ def build_annoy_index(
 _ANNOY_NODE_HEADER = 12
 
 
-def _check_annoy_space(path: str, n_vectors: int, dim: int) -> None:
-    """Raise ENOSPC when the filesystem cannot even hold the items (trees come on top)."""
+def _check_annoy_space(path: str, n_vectors: int, dim: int, copies: int = 1) -> None:
+    """Raise ENOSPC when the filesystem cannot even hold ``copies`` x the items (trees come on top)."""
     stats = os.statvfs(os.path.dirname(os.path.abspath(path)))
-    needed = n_vectors * (_ANNOY_NODE_HEADER + 4 * dim)
+    needed = copies * n_vectors * (_ANNOY_NODE_HEADER + 4 * dim)
     free = stats.f_bavail * stats.f_frsize
     if free < needed:
         raise OSError(errno.ENOSPC, f"No space left on device (the Annoy index needs more "
@@ -235,14 +248,33 @@ def _build_here(vectors, tmp_path: str, n_trees: int, seed: int, on_disk: bool) 
     index.unload()
 
 
-def _build_in_child(vectors, path: str, tmp_path: str, n_trees: int, seed: int) -> None:
-    """Run the on-disk build in a child process; its SIGBUS becomes ENOSPC here."""
+def _build_in_threads(vectors, parts: list, on_disk: bool) -> None:
+    """Build each ``(file, SubForest)`` of ``parts`` in this process, one thread each.
+
+    Annoy releases the GIL while it builds trees, so the sub-forests' trees
+    grow on separate cores; the first error is re-raised once all are done.
+    """
+    if len(parts) == 1:
+        tmp_path, part = parts[0]
+        _build_here(vectors, tmp_path, part.n_trees, part.seed, on_disk)
+        return
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(len(parts), thread_name_prefix="annoy") as pool:
+        futures = [pool.submit(_build_here, vectors, tmp_path, part.n_trees, part.seed, on_disk)
+                   for tmp_path, part in parts]
+    for future in futures:
+        future.result()
+
+
+def _build_in_children(vectors, path: str, parts: list) -> None:
+    """Run the on-disk builds of ``parts`` in child processes at once; a SIGBUS becomes ENOSPC."""
     import signal
     import subprocess
     import sys
 
     source, staged = _vectors_file(vectors), None
-    if source is None:  # not a whole .npy memmap: hand the child a file of it
+    if source is None:  # not a whole .npy memmap: hand the children a file of it
         staged = f"{path}.vectors.writing"
         try:
             save_vectors(staged, vectors)
@@ -251,24 +283,35 @@ def _build_in_child(vectors, path: str, tmp_path: str, n_trees: int, seed: int) 
                 raise OSError(exc.errno, exc.strerror, path) from exc
             raise
         source = staged
+    children: list[subprocess.Popen] = []
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "pipeline.annoy_child", source, tmp_path, str(int(n_trees)),
-             str(int(seed))], capture_output=True, text=True, check=False,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-            env=dict(os.environ, SIMILARITY_ANNOY_PARENT=str(os.getpid())))
+        for tmp_path, part in parts:
+            children.append(subprocess.Popen(
+                [sys.executable, "-m", "pipeline.annoy_child", source, tmp_path,
+                 str(int(part.n_trees)), str(int(part.seed))],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                env=dict(os.environ, SIMILARITY_ANNOY_PARENT=str(os.getpid()))))
+        stderrs = [child.communicate()[1] for child in children]
+        outcomes = [(child.returncode, stderr) for child, stderr in zip(children, stderrs)]
     finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
         if staged is not None and os.path.exists(staged):
             os.unlink(staged)
-    if done.returncode == -signal.SIGBUS:
-        raise OSError(errno.ENOSPC, "No space left on device (the Annoy build's memory-mapped "
-                                    "file could not grow)", path)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        match = re.search(r"\[Errno (\d+)\]", last)
-        if match:
-            raise OSError(int(match.group(1)), os.strerror(int(match.group(1))), path)
-        raise RuntimeError(f"the Annoy build of {path} failed (exit {done.returncode}): {last}")
+    for returncode, _ in outcomes:
+        if returncode == -signal.SIGBUS:
+            raise OSError(errno.ENOSPC, "No space left on device (the Annoy build's memory-mapped "
+                                        "file could not grow)", path)
+    for returncode, stderr in outcomes:
+        if returncode != 0:
+            last = (stderr.strip().splitlines() or ["no message"])[-1]
+            match = re.search(r"\[Errno (\d+)\]", last)
+            if match:
+                raise OSError(int(match.group(1)), os.strerror(int(match.group(1))), path)
+            raise RuntimeError(f"the Annoy build of {path} failed (exit {returncode}): {last}")
 
 
 def _vectors_file(vectors) -> str | None:

@@ -366,3 +366,30 @@ def test_the_isolated_on_disk_build_is_byte_identical_to_the_in_process_one(tmp_
     assert (tmp_path / "child.ann").read_bytes() == here == (tmp_path / "copy.ann").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["child.ann", "copy.ann", "here.ann",
                                                           "v.npy"]
+
+
+@pytest.mark.parametrize("precheck", [True, False])
+def test_a_full_disk_during_a_split_annoy_build_is_enospc_and_leaves_nothing(tmp_path, monkeypatch,
+                                                                            precheck):
+    """A forest big enough to be built as parallel sub-forests needs their items twice over."""
+    import errno
+    import os
+
+    from pipeline import annoy_forests
+    from pipeline import similarity_search as ss
+
+    vectors = np.random.default_rng(2).normal(
+        size=(annoy_forests.SPLIT_MIN_ITEMS, 8)).astype(np.float32)  # 2.2 MB of items per forest
+    ss.save_vectors(tmp_path / "v.npy", vectors)
+    vectors = ss.load_vectors(tmp_path / "v.npy")
+    if not precheck:  # past the check, the children's mapped files hit the limit
+        monkeypatch.setattr(ss, "_check_annoy_space", lambda *args: None)
+    disk = _small_tmpfs(tmp_path / "disk", "3m")
+    try:
+        with pytest.raises(OSError) as caught:
+            ss.build_annoy_index(vectors, disk / "annoy.ann", n_trees=10, seed=1, on_disk=True)
+        assert caught.value.errno == errno.ENOSPC
+        assert caught.value.filename == str(disk / "annoy.ann")
+        assert os.listdir(disk) == []
+    finally:
+        os.system(f"umount {disk}")
