@@ -23,6 +23,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from pipeline import run_layout, run_reader
 from pipeline.catalog import CatalogInfo
 from pipeline.features import FeatureRow, features_schema
+from pipeline.index_description import META_KEYS
 from pipeline.records import CatalogRow, ErrorRecord, FetchedRow
 from pipeline.run_config import SearchConfig
 from transforms import count_rows
@@ -99,9 +100,9 @@ def _build_descriptions(out: str, path: str, background: bool) -> list[dict]:
     return [json.loads(open(os.path.join(saved, name)).read()) for name in os.listdir(saved)]
 
 
-def _save_description(description: dict, directory: str) -> None:
-    with open(os.path.join(directory, f"{description['partition'] or 'all'}.json"), "w") as f:
-        json.dump(description, f)
+def _save_description(description, directory: str) -> None:
+    with open(os.path.join(directory, f"{description.partition or 'all'}.json"), "w") as f:
+        json.dump(dataclasses.asdict(description), f)
 
 
 def test_background_annoy_build_gives_the_same_index_and_description(tmp_path):
@@ -113,7 +114,10 @@ def test_background_annoy_build_gives_the_same_index_and_description(tmp_path):
         [description] = _build_descriptions(out, path, background)
         index_dir = os.path.join(out, run_layout.INDEX_DIR)
         annoy = open(os.path.join(index_dir, run_layout.ANNOY_FILE), "rb").read()
-        timings = ("build_seconds", "annoy_build_seconds")
+        # The description the manifest and the query API get is what meta.json says.
+        meta = json.loads(open(os.path.join(index_dir, run_layout.META_FILE)).read())
+        assert meta == {key: description[key] for key in META_KEYS}
+        timings = ("build_seconds", "annoy_build_seconds", "split_seconds")
         assert all(description[key] >= 0 for key in timings)
         results[background] = ({k: v for k, v in description.items()
                                 if k not in timings + ("index_dir",)}, annoy,

@@ -1,18 +1,23 @@
-"""The feature row: typed inside the pipeline, the same ``features/`` rows outside.
+"""The feature row and the index description: typed inside the pipeline, the same files outside.
 
-A :class:`FeatureRow` must become exactly the Parquet row of the ``features/`` contract.
+A :class:`FeatureRow` must become exactly the Parquet row of the ``features/`` contract,
+and an :class:`IndexDescription` exactly the ``meta.json`` the index has always had, so
+that runs written before the records were typed still load and compare byte for byte.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 
 import pyarrow as pa
 import pytest
 
+from pipeline import files
 from pipeline.catalog import CatalogInfo
 from pipeline.features import FEATURE_COLUMNS, FeatureRow, features_schema
+from pipeline.index_description import META_KEYS, IndexDescription
 
 MODEL = types.SimpleNamespace(dim=2, model_id="fake@1")
 # A manifest column "category", and one called "model" (carried as manifest_model).
@@ -52,3 +57,61 @@ def test_a_feature_row_is_never_changed_only_replaced():
     with pytest.raises(dataclasses.FrozenInstanceError):
         row.sha256 = "other"  # type: ignore[misc]
     assert dataclasses.replace(row, sha256="other").sha256 == "other" and row.sha256 == "s1"
+
+
+# index/meta.json of an IVF partition as the code before IndexDescription wrote it
+# (python -m pipeline.run --embedding_column=embedding --partition_by=category on 30k
+# vectors of 64 dimensions).
+OLD_META = """{
+  "annoy_build_seconds": 1.223,
+  "build_seconds": 1.358,
+  "candidates": 105,
+  "count": 22425,
+  "dim": 64,
+  "files": {
+    "annoy": "annoy.ann",
+    "ids": "ids.parquet",
+    "ivf_centroids": "ivf_centroids.npy",
+    "vectors": "vectors.npy"
+  },
+  "metric": "angular",
+  "model": "external",
+  "n_trees": 19,
+  "partition": "a",
+  "query_k": 97,
+  "search": "ivf",
+  "search_k": 35910,
+  "seed": 42,
+  "top_k": 20
+}
+"""
+
+
+def test_an_old_meta_json_loads_and_is_written_back_byte_for_byte(tmp_path):
+    description = IndexDescription.from_meta(json.loads(OLD_META), "/runs/r/index/a-1")
+    assert (description.index_dir, description.partition, description.count,
+            description.search, description.query_k) == ("/runs/r/index/a-1", "a", 22425,
+                                                        "ivf", 97)
+    assert description.files == {"annoy": "annoy.ann", "ids": "ids.parquet",
+                                 "ivf_centroids": "ivf_centroids.npy", "vectors": "vectors.npy"}
+    path = str(tmp_path / "meta.json")
+    files.write_json(path, description.as_meta())
+    assert open(path, encoding="utf-8").read() == OLD_META
+
+
+def test_meta_json_keys_keep_the_order_the_index_stage_always_built_them_in():
+    description = IndexDescription.from_meta(json.loads(OLD_META))
+    assert list(description.as_meta()) == list(META_KEYS) == [
+        "model", "partition", "dim", "metric", "n_trees", "seed", "count", "search",
+        "search_k", "candidates", "top_k", "query_k", "files", "build_seconds",
+        "annoy_build_seconds"]
+
+
+def test_a_hand_written_meta_json_without_search_settings_still_loads():
+    description = IndexDescription.from_meta({"model": "m@1", "dim": 8, "metric": "angular",
+                                              "n_trees": 10, "seed": 42, "count": 3})
+    assert (description.count, description.dim, description.search, description.files,
+            description.partition) == (3, 8, None, None, None)
+    assert not description.has_annoy
+    with pytest.raises(KeyError):
+        IndexDescription.from_meta({"model": "m@1", "dim": 8})
