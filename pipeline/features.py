@@ -1,11 +1,11 @@
 """The ``features/`` Parquet contract: its columns, schema and row builder, and its reader.
 
 Every feature row holds the columns of :data:`FEATURE_COLUMNS` (then the carried
-manifest columns, flattened in). The embedding stage and nightly reuse build rows
-with :func:`image_feature_row` from a record's fields (:func:`feature_row` takes a row
-mapping); feature rows stay plain dicts, the form the Parquet writer takes. The writer uses
-:func:`features_schema`; the index, the exporters, evaluation and the report read them
-back with :func:`read_feature_matrix`. A change to the contract is an edit here.
+manifest columns, flattened in). The embedding stage and nightly reuse emit
+:class:`FeatureRow` records; the writer turns each into the dict it takes
+(:meth:`FeatureRow.as_parquet_row`) and uses :func:`features_schema`; the index,
+the exporters, evaluation and the report read them back with
+:func:`read_feature_matrix`. A change to the contract is an edit here.
 """
 
 from __future__ import annotations
@@ -55,39 +55,44 @@ def features_schema(model: ResolvedModel, catalog: Any) -> pa.Schema:
     return pa.schema(fields, metadata=metadata)
 
 
-def feature_row(row: Mapping[str, Any], embedding: np.ndarray, model_id: str) -> dict:
-    """The Parquet feature row of one row mapping (carried columns flattened in)."""
-    return image_feature_row(row["product_id"], row["image"], embedding, model_id,
-                             sha256=row.get("sha256"), width=row.get("width"),
-                             height=row.get("height"), etag=row.get("etag"),
-                             last_modified=row.get("last_modified"), extra=row.get("extra"))
+@dataclass(frozen=True, slots=True)
+class FeatureRow:
+    """One product's feature row: what the embedder and nightly reuse emit, the writer stores.
 
-
-def image_feature_row(product_id: Any, image: Any, embedding: np.ndarray, model_id: str, *,
-                      sha256: str | None, width: int | None, height: int | None,
-                      etag: str | None, last_modified: str | None,
-                      extra: Mapping[str, Any] | None) -> dict:
-    """The Parquet feature row of one embedded image, from its fields.
-
-    Why fields and not a record: the embedder builds it from a
-    :class:`pipeline.records.DecodedRow`, nightly reuse from a
-    :class:`pipeline.records.FetchedRow` plus the previous run's sizes, and the
-    result is the plain dict the Parquet writer takes, columns in schema order
-    with the carried manifest columns flattened in.
+    The fields are :data:`FEATURE_COLUMNS`, in that order, then ``extra``: the carried
+    manifest columns under their feature column names (flattened into the row when
+    written). ``embedding`` is the L2-normalised vector (a float32 array, or the list
+    a previous run's Parquet row holds). Frozen like the records of
+    :mod:`pipeline.records`: a stage that changes a row builds a new one
+    (``dataclasses.replace``). It turns into the Parquet writer's dict only at the
+    edge, :meth:`as_parquet_row`; a row read back from ``features/`` becomes one
+    with :meth:`from_parquet_row`.
     """
-    out = {
-        "product_id": product_id,
-        "image": image,
-        "embedding": embedding,
-        "model": model_id,
-        "sha256": sha256,
-        "width": width,
-        "height": height,
-        "etag": etag,
-        "last_modified": last_modified,
-    }
-    out.update(extra or {})
-    return out
+
+    product_id: Any
+    image: Any
+    embedding: Any
+    model: str
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    etag: str | None = None
+    last_modified: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_parquet_row(self) -> dict:
+        """The row as the Parquet writer takes it: :data:`FEATURE_COLUMNS` in order, then
+        the carried columns flattened in."""
+        out = {name: getattr(self, name) for name in FEATURE_COLUMNS}
+        out.update(self.extra or {})
+        return out
+
+    @classmethod
+    def from_parquet_row(cls, row: Mapping[str, Any]) -> FeatureRow:
+        """A row read back from ``features/``: its :data:`FEATURE_COLUMNS` (absent ones
+        None); other columns are not kept (nightly reuse takes the current manifest's)."""
+        values: dict[str, Any] = {name: row.get(name) for name in FEATURE_COLUMNS}
+        return cls(**values)
 
 
 class MixedModelsError(ValueError):

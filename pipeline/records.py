@@ -8,9 +8,10 @@ flows between steps, instead of row dicts whose keys come and go:
     (reader, SplitInvalidRowsFn,       (bytes, reuse marks        (pixels, original
      DeduplicateProductIds)             unchanged, previous)       width and height)
 
-``EmbedImages`` turns a ``DecodedRow`` into the feature-row dict of the Parquet
-contract (:func:`pipeline.features.image_feature_row`); a row that fails anywhere
-becomes an :class:`ErrorRecord` (built by :func:`pipeline.row_errors.error_record`).
+``EmbedImages`` turns a ``DecodedRow`` into the feature row of the Parquet contract
+(:class:`pipeline.features.FeatureRow`, next to the columns it must match); a row
+that fails anywhere becomes an :class:`ErrorRecord` (built by
+:func:`pipeline.row_errors.error_record`).
 
 Beam's rule holds: an emitted element is never mutated. The records are frozen, and
 a stage that changes a row builds a new record (``dataclasses.replace`` or the
@@ -23,9 +24,12 @@ decode them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.features import FeatureRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +42,8 @@ class CatalogRow:
     column names. ``invalid`` is ``(reason, message)`` for a row that cannot be
     used — it stays in the stream so it is counted and ends in ``errors/``.
     ``vector`` is the raw embedding cell of a precomputed-vectors catalogue.
-    ``previous`` is the last good run's feature row of this product id, set by
+    ``previous`` is the last good run's feature row of this product id (read back
+    with :meth:`pipeline.features.FeatureRow.from_parquet_row`), set by
     ``DeduplicateProductIds`` when a previous run is joined.
     """
 
@@ -48,7 +53,7 @@ class CatalogRow:
     extra: Mapping[str, Any] = field(default_factory=dict)
     invalid: tuple[str, str] | None = None
     vector: Any = None
-    previous: Mapping[str, Any] | None = None
+    previous: FeatureRow | None = None
 
     def fetched(self, data: bytes | None, sha256: str | None, etag: str | None,
                 last_modified: str | None, unchanged: bool) -> FetchedRow:
@@ -76,7 +81,7 @@ class FetchedRow:
     etag: str | None
     last_modified: str | None
     unchanged: bool = False
-    previous: Mapping[str, Any] | None = None
+    previous: FeatureRow | None = None
 
     def decoded(self, pixels: np.ndarray, width: int, height: int) -> DecodedRow:
         """The :class:`DecodedRow` of these bytes: the pixels instead of the bytes."""

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline import similarity_search
+from pipeline.index_description import IndexDescription
 from pipeline.models.handler import ModelHandler, resolve
 from pipeline.models.sources import model_source
 from pipeline.models.specs import ModelLoadError, ResolvedModel
@@ -147,22 +148,22 @@ def _local(run_dir: str) -> str:
 class _Partition:
     """One index directory: its vectors (memory-mapped), ids, Annoy forest and settings."""
 
-    def __init__(self, directory: str, meta: dict):
+    def __init__(self, directory: str, meta: IndexDescription):
         import pyarrow.parquet as pq
 
         self.directory = directory
         self.meta = meta
-        self.value = meta.get("partition")
-        self.count = int(meta["count"])
-        self.search = meta.get("search", "exact")
+        self.value = meta.partition
+        self.count = int(meta.count)
+        self.search = "exact" if meta.search is None else meta.search
         self.vectors = (similarity_search.load_vectors(os.path.join(directory, VECTORS_FILE))
-                        if self.count else np.zeros((0, int(meta.get("dim") or 0)), np.float32))
+                        if self.count else np.zeros((0, int(meta.dim or 0)), np.float32))
         table = pq.ParquetFile(os.path.join(directory, IDS_FILE)).read(columns=["product_id"])
         self.product_ids = table.column("product_id").to_pylist()
         if len(self.product_ids) != self.count or len(self.vectors) != self.count:
             raise RunError(f"{directory}: meta.json says {self.count} products but ids.parquet "
                            f"has {len(self.product_ids)} and vectors.npy {len(self.vectors)}")
-        annoy_file = (meta.get("files") or {}).get("annoy")
+        annoy_file = (meta.files or {}).get("annoy")
         self.annoy = None
         if self.search == "annoy" and annoy_file and self.count:
             self.annoy = similarity_search.open_annoy_index(os.path.join(directory, annoy_file),
@@ -177,7 +178,7 @@ class _Partition:
         """Top-``k`` rows per query by the partition's own method (exact when unknown)."""
         if self.annoy is not None:
             return annoy_vector_top_k(self.annoy, self.vectors, queries, k,
-                                      self.meta.get("candidates"), self.meta.get("search_k"))
+                                      self.meta.candidates, self.meta.search_k)
         return similarity_search.exact_top_k(queries, self.vectors, k)
 
 
@@ -295,9 +296,9 @@ class SimilarityIndex:
             meta_path = os.path.join(directory, META_FILE)
             if not os.path.isfile(meta_path):
                 raise RunError(f"{directory} has no {META_FILE}: the run's index is incomplete")
-            meta = _read_json(meta_path)
-            if meta.get("model") != manifest.get("model"):
-                raise RunError(f"{directory} was built with {meta.get('model')}, the run with "
+            meta = IndexDescription.from_meta(_read_json(meta_path), directory)
+            if meta.model != manifest.get("model"):
+                raise RunError(f"{directory} was built with {meta.model}, the run with "
                                f"{manifest.get('model')}")
             parts.append(_Partition(directory, meta))
         pca = None

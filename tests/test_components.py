@@ -22,7 +22,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline import run_layout, run_reader
 from pipeline.catalog import CatalogInfo
-from pipeline.features import feature_row, features_schema
+from pipeline.features import FeatureRow, features_schema
+from pipeline.index_description import META_KEYS
 from pipeline.records import CatalogRow, ErrorRecord, FetchedRow
 from pipeline.run_config import SearchConfig
 from transforms import count_rows
@@ -56,8 +57,8 @@ def _pairs_of_twins(n_pairs: int) -> tuple[list[str], np.ndarray]:
 def _write_features(directory: str, ids: list[str], vectors: np.ndarray) -> str:
     model = types.SimpleNamespace(dim=DIM, model_id=MODEL_ID)
     schema = features_schema(model, CatalogInfo(input="fake.csv", kind="csv"))
-    rows = [feature_row({"product_id": pid, "image": f"{pid}.jpg", "sha256": f"sha-{pid}"},
-                        vec.tolist(), MODEL_ID) for pid, vec in zip(ids, vectors)]
+    rows = [FeatureRow(pid, f"{pid}.jpg", vec.tolist(), MODEL_ID, sha256=f"sha-{pid}")
+            .as_parquet_row() for pid, vec in zip(ids, vectors)]
     path = os.path.join(directory, run_layout.FEATURES_DIR, "features-00000-of-00001.parquet")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
@@ -99,9 +100,9 @@ def _build_descriptions(out: str, path: str, background: bool) -> list[dict]:
     return [json.loads(open(os.path.join(saved, name)).read()) for name in os.listdir(saved)]
 
 
-def _save_description(description: dict, directory: str) -> None:
-    with open(os.path.join(directory, f"{description['partition'] or 'all'}.json"), "w") as f:
-        json.dump(description, f)
+def _save_description(description, directory: str) -> None:
+    with open(os.path.join(directory, f"{description.partition or 'all'}.json"), "w") as f:
+        json.dump(dataclasses.asdict(description), f)
 
 
 def test_background_annoy_build_gives_the_same_index_and_description(tmp_path):
@@ -113,7 +114,10 @@ def test_background_annoy_build_gives_the_same_index_and_description(tmp_path):
         [description] = _build_descriptions(out, path, background)
         index_dir = os.path.join(out, run_layout.INDEX_DIR)
         annoy = open(os.path.join(index_dir, run_layout.ANNOY_FILE), "rb").read()
-        timings = ("build_seconds", "annoy_build_seconds")
+        # The description the manifest and the query API get is what meta.json says.
+        meta = json.loads(open(os.path.join(index_dir, run_layout.META_FILE)).read())
+        assert meta == {key: description[key] for key in META_KEYS}
+        timings = ("build_seconds", "annoy_build_seconds", "split_seconds")
         assert all(description[key] >= 0 for key in timings)
         results[background] = ({k: v for k, v in description.items()
                                 if k not in timings + ("index_dir",)}, annoy,
@@ -188,9 +192,8 @@ def test_manifest_stage_refuses_a_run_that_lost_a_row(tmp_path):
 
 
 def test_duplicate_stage_groups_identical_bytes_and_near_duplicate_pairs(tmp_path):
-    features = [{"product_id": "p1", "sha256": "s"}, {"product_id": "p2", "sha256": "s"},
-                {"product_id": "p3", "sha256": "t"}, {"product_id": "p4", "sha256": "u"},
-                {"product_id": "p5", "sha256": "v"}]
+    features = [FeatureRow(pid, f"{pid}.jpg", [1.0], MODEL_ID, sha256=sha)
+                for pid, sha in (("p1", "s"), ("p2", "s"), ("p3", "t"), ("p4", "u"), ("p5", "v"))]
     with TestPipeline() as p:
         count = ((p | "F" >> beam.Create(features), p | "N" >> beam.Create([[("p3", "p4", 0.97)]]))
                  | WriteDuplicateGroups(str(tmp_path)))
@@ -214,8 +217,7 @@ def test_duplicate_groups_do_not_depend_on_how_pairs_are_split_into_blocks():
 
 
 def test_reuse_stage_turns_unchanged_rows_into_feature_rows_and_passes_the_rest_on():
-    previous = {"product_id": "p1", "image": "old.jpg", "embedding": [1.0, 0.0], "model": MODEL_ID,
-                "sha256": "s1", "width": 10, "height": 20}
+    previous = FeatureRow("p1", "old.jpg", [1.0, 0.0], MODEL_ID, sha256="s1", width=10, height=20)
     rows = [FetchedRow("p1", "p1.jpg", {"category": "shoes"}, None, "s1", None, None,
                        unchanged=True, previous=previous),
             FetchedRow("p2", "p2.jpg", {}, b"bytes", "s2", None, None, previous=previous)]
@@ -225,21 +227,22 @@ def test_reuse_stage_turns_unchanged_rows_into_feature_rows_and_passes_the_rest_
         # A changed row goes on without the previous feature row it no longer needs.
         assert_that(split.rest | beam.Map(lambda r: (r.product_id, r.data, r.previous)),
                     equal_to([("p2", b"bytes", None)]), label="Rest")
-        assert_that(split[REUSED] | beam.Map(lambda r: (r["product_id"], r["image"], r["width"],
-                                                        r["sha256"], r["category"],
-                                                        list(r["embedding"]))),
+        assert_that(split[REUSED] | beam.Map(lambda r: (r.product_id, r.image, r.width,
+                                                        r.sha256, r.extra["category"],
+                                                        list(r.embedding))),
                     equal_to([("p1", "p1.jpg", 10, "s1", "shoes", [1.0, 0.0])]), label="Reused")
 
 
 def test_dedup_stage_keeps_the_first_row_joins_the_previous_run_and_reports_removed_ids():
     rows = [CatalogRow("p1", "first.jpg", 0), CatalogRow("p1", "second.jpg", 1),
             CatalogRow("p2", "p2.jpg", 2)]
-    previous = [("p2", {"product_id": "p2", "sha256": "s"}), ("gone", {"product_id": "gone"})]
+    previous = [(pid, FeatureRow(pid, f"{pid}.jpg", [1.0], MODEL_ID, sha256=sha))
+                for pid, sha in (("p2", "s"), ("gone", "g"))]
     with TestPipeline() as p:
         out = p | "Rows" >> beam.Create(rows) | DeduplicateProductIds(
             p | "Prev" >> beam.Create(previous))
         assert_that(out.rows | beam.Map(lambda r: (r.product_id, r.image,
-                                                   (r.previous or {}).get("sha256"))),
+                                                   r.previous and r.previous.sha256)),
                     equal_to([("p1", "first.jpg", None), ("p2", "p2.jpg", "s")]), label="Kept")
         assert_that(out[ERRORS] | beam.Map(lambda e: (e.product_id, e.reason)),
                     equal_to([("p1", "duplicate_product_id")]), label="Errors")

@@ -63,7 +63,7 @@ def test_every_row_comes_out_once_in_its_own_window(tiny_model, lanes):
                | beam.WindowInto(window.FixedWindows(60))
                | EmbedImages(resolved, batch_size=2, threads=2, lanes=lanes))
         placed = out.features | "Where" >> beam.Map(
-            lambda f, w=beam.DoFn.WindowParam: (f["product_id"], int(w.start), len(f["embedding"])))
+            lambda f, w=beam.DoFn.WindowParam: (f.product_id, int(w.start), len(f.embedding)))
         assert_that(placed, equal_to([(f"p{i}", 60 * (i % 3), resolved.dim) for i in range(23)]),
                     label="features")
         assert_that(out[ERRORS], equal_to([]), label="errors")
@@ -75,7 +75,7 @@ def test_an_image_the_model_rejects_costs_one_error_row_not_its_batch(tiny_model
     rows = [_row(i, wrong if i == 4 else _pixels(i)) for i in range(9)]
     with TestPipeline() as p:
         out = p | beam.Create(rows) | EmbedImages(resolved, batch_size=3, threads=2, lanes=2)
-        assert_that(out.features | "Ids" >> beam.Map(lambda f: f["product_id"]),
+        assert_that(out.features | "Ids" >> beam.Map(lambda f: f.product_id),
                     equal_to([f"p{i}" for i in range(9) if i != 4]), label="features")
         assert_that(out[ERRORS] | "Why" >> beam.Map(
             lambda e: (e.product_id, e.stage, e.reason, "shape" in e.error)),

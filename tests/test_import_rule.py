@@ -25,7 +25,7 @@ BOTTOM = {
     "pipeline.catalog", "pipeline.file_bytes", "pipeline.image_decode", "pipeline.locations",
     "pipeline.postprocess", "pipeline.publish", "pipeline.row_errors", "pipeline.similarity_index",
     "pipeline.ivf", "pipeline.logs", "pipeline.product_ids", "pipeline.quality", "pipeline.run_config",
-    "pipeline.records", "pipeline.run_layout", "pipeline.run_reader",
+    "pipeline.records", "pipeline.index_description", "pipeline.run_layout", "pipeline.run_reader",
     "pipeline.vector_blocks", "pipeline.vectors",
     "pipeline.similarity_search", "pipeline.annoy_forests", "pipeline.models",
     "pipeline.models.autoencoder",

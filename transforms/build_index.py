@@ -15,6 +15,7 @@ whole-catalogue index; with partitions, the same files under
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -29,6 +30,7 @@ import pyarrow.parquet as pq
 
 from pipeline import files, similarity_search
 from pipeline.features import MixedModelsError, read_feature_matrix
+from pipeline.index_description import IndexDescription
 from pipeline.run_config import SearchConfig
 from pipeline.run_layout import (
     ANNOY_FILE,
@@ -84,7 +86,8 @@ def _max_group(keys: list) -> int:
 
 
 class SplitPartitionsFn(beam.DoFn):
-    """All feature shard paths → per-partition vectors and id maps; yields one item each.
+    """All feature shard paths → per-partition vectors and id maps; yields one
+    :class:`IndexDescription` each.
 
     Reads from ``search`` the partition and exclusion columns, the PCA size and the
     quality recipe (the search space is fixed here, before any index is built).
@@ -141,11 +144,12 @@ class SplitPartitionsFn(beam.DoFn):
         if self._partition_column:
             files.write_json(files.join(index_root, PARTITIONS_FILE), {
                 "partition_by": self._partition_column,
-                "partitions": [{"value": d["partition"], "dir": os.path.basename(
-                    d["index_dir"].rstrip("/")), "count": d["count"]} for d in descriptions]})
+                "partitions": [{"value": d.partition, "dir": os.path.basename(
+                    d.index_dir.rstrip("/")), "count": d.count} for d in descriptions]})
         yield from descriptions
 
-    def _write_partition(self, directory, value, ids, vectors, excludes, started):
+    def _write_partition(self, directory, value, ids, vectors, excludes,
+                         started) -> IndexDescription:
         with files.staged_output(files.join(directory, VECTORS_FILE)) as staged:
             similarity_search.save_vectors(staged, vectors)
         columns = {"row": pa.array(np.arange(len(ids), dtype=np.int64)),
@@ -155,15 +159,15 @@ class SplitPartitionsFn(beam.DoFn):
                 [None if e is None else str(e) for e in excludes], type=pa.string())
         with files.staged_output(files.join(directory, IDS_FILE)) as staged:
             pq.write_table(pa.table(columns), staged)
-        return {
-            "index_dir": directory,
-            "partition": value,
-            "count": len(ids),
-            "dim": int(vectors.shape[1]) if len(ids) else 0,
-            "model": self._model_id,
-            "max_exclude_group": _max_group(excludes) if self._exclude_column else 1,
-            "split_seconds": round(time.time() - started, 3),
-        }
+        return IndexDescription(
+            index_dir=directory,
+            partition=value,
+            count=len(ids),
+            dim=int(vectors.shape[1]) if len(ids) else 0,
+            model=self._model_id,
+            max_exclude_group=_max_group(excludes) if self._exclude_column else 1,
+            split_seconds=round(time.time() - started, 3),
+        )
 
 
 class BuildAnnoyFn(beam.DoFn):
@@ -179,80 +183,74 @@ class BuildAnnoyFn(beam.DoFn):
         self._search_k = search.search_k
         self._seed = search.seed
 
-    def plan(self, part: dict) -> dict:
+    def plan(self, part: IndexDescription) -> IndexDescription:
         """The partition's search settings (no index built yet): what the queries need."""
-        n, dim = part["count"], part["dim"]
+        n, dim = part.count, part.dim
         search = similarity_search.choose_search(
             n, self._search, similarity_search.exact_max_n_for(dim) if dim else
             similarity_search.EXACT_MAX_N)
         n_trees = self._n_trees or (similarity_search.default_n_trees(n, dim) if n else 0)
-        query_k = self._top_k + part["max_exclude_group"] - 1
+        query_k = self._top_k + part.max_exclude_group - 1
         candidates = similarity_search.default_candidates(query_k)
         search_k = self._search_k or similarity_search.default_search_k(max(n_trees, 1),
                                                                         candidates)
-        return dict(part, search=search, n_trees=int(n_trees), search_k=int(search_k),
-                    candidates=int(candidates), query_k=int(query_k), seed=int(self._seed),
-                    files={"annoy": ANNOY_FILE if n else None, "vectors": VECTORS_FILE,
-                           "ids": IDS_FILE})
+        return dataclasses.replace(
+            part, search=search, n_trees=int(n_trees), search_k=int(search_k),
+            candidates=int(candidates), query_k=int(query_k), seed=int(self._seed),
+            files={"annoy": ANNOY_FILE if n else None, "vectors": VECTORS_FILE,
+                   "ids": IDS_FILE})
 
-    def process(self, part: dict):
+    def process(self, part: IndexDescription):
         """Build the forest and write meta.json; yields the partition's description."""
         yield self.build(part)
 
-    def build(self, part: dict) -> dict:
+    def build(self, part: IndexDescription) -> IndexDescription:
         """The work of :meth:`process`, callable from a background thread."""
         started = time.time()
-        planned = part if "search" in part else self.plan(part)
-        n, dim = planned["count"], planned["dim"]
+        planned = part if part.search is not None else self.plan(part)
+        n = planned.count
         if n:
             with tempfile.TemporaryDirectory(prefix="similarity-annoy-") as local, \
-                    files.staged_output(files.join(part["index_dir"], ANNOY_FILE)) as staged:
+                    files.staged_output(files.join(part.index_dir, ANNOY_FILE)) as staged:
                 vectors = similarity_search.load_vectors(
-                    files.local_path(files.join(part["index_dir"], VECTORS_FILE), local),
+                    files.local_path(files.join(part.index_dir, VECTORS_FILE), local),
                     mmap=True)
-                similarity_search.build_annoy_index(vectors, staged, planned["n_trees"],
+                similarity_search.build_annoy_index(vectors, staged, planned.n_trees,
                                                     self._seed)
                 del vectors
         annoy_seconds = time.time() - started
-        meta = {
-            "model": part["model"],
-            "partition": part["partition"],
-            "dim": dim,
-            "metric": "angular",
-            "n_trees": planned["n_trees"],
-            "seed": int(self._seed),
-            "count": int(n),
-            "search": planned["search"],
-            "search_k": planned["search_k"],
-            "candidates": planned["candidates"],
-            "top_k": int(self._top_k),
-            "query_k": planned["query_k"],
-            "files": dict(planned["files"], **({"ivf_centroids": "ivf_centroids.npy"}
-                                               if planned["search"] == "ivf" else {})),
-            "build_seconds": round(part["split_seconds"] + annoy_seconds, 3),
-            "annoy_build_seconds": round(annoy_seconds, 3),
-        }
-        files.write_json(files.join(part["index_dir"], META_FILE), meta)
-        return dict(meta, index_dir=part["index_dir"])
+        built = dataclasses.replace(
+            planned,
+            metric="angular",
+            seed=int(self._seed),
+            count=int(n),
+            top_k=int(self._top_k),
+            files=dict(planned.files or {}, **({"ivf_centroids": "ivf_centroids.npy"}
+                                               if planned.search == "ivf" else {})),
+            build_seconds=round(part.split_seconds + annoy_seconds, 3),
+            annoy_build_seconds=round(annoy_seconds, 3),
+        )
+        files.write_json(files.join(part.index_dir, META_FILE), built.as_meta())
+        return built
 
 
 class _BackgroundBuild:
     """One Annoy build running in a thread of this process; its description or its error."""
 
-    def __init__(self, build: BuildAnnoyFn, part: dict):
-        self.description: dict | None = None
+    def __init__(self, build: BuildAnnoyFn, part: IndexDescription):
+        self.description: IndexDescription | None = None
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(build, part),
                                         name="annoy-build", daemon=True)
         self._thread.start()
 
-    def _run(self, build: BuildAnnoyFn, part: dict) -> None:
+    def _run(self, build: BuildAnnoyFn, part: IndexDescription) -> None:
         try:
             self.description = build.build(part)
         except BaseException as exc:  # re-raised in the stage that waits for it
             self.error = exc
 
-    def wait(self) -> dict:
+    def wait(self) -> IndexDescription:
         """Block until the build ends; its description, or its exception raised here."""
         self._thread.join()
         if self.error is not None:
@@ -302,9 +300,9 @@ class StartAnnoyFn(beam.DoFn):
     def __init__(self, build: BuildAnnoyFn):
         self._build = build
 
-    def process(self, part: dict):
+    def process(self, part: IndexDescription):
         with _BACKGROUND_LOCK:
-            _BACKGROUND[part["index_dir"]] = _BackgroundBuild(self._build, part)
+            _BACKGROUND[part.index_dir] = _BackgroundBuild(self._build, part)
         yield part
 
 
@@ -319,14 +317,15 @@ class AwaitAnnoyFn(beam.DoFn):
     def __init__(self, build: BuildAnnoyFn):
         self._build = build
 
-    def process(self, part: dict, *_after):
+    def process(self, part: IndexDescription, *_after):
         with _BACKGROUND_LOCK:
-            running = _BACKGROUND.pop(part["index_dir"], None)
+            running = _BACKGROUND.pop(part.index_dir, None)
         yield running.wait() if running is not None else self._build.build(part)
 
 
 class BuildIndex(beam.PTransform):
-    """Feature file names (after the write is final) → one description per partition index.
+    """Feature file names (after the write is final) → one :class:`IndexDescription` per
+    partition index.
 
     ``run_dir`` is the run's directory (the index goes to ``run_dir/index/``),
     ``model_id`` the run's model (features of another model are refused), ``search``

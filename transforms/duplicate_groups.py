@@ -123,7 +123,7 @@ class WriteDuplicateGroups(beam.PTransform):
                          | "IdenticalPairs" >> beam.Map(_identical_in_bucket))
         else:
             identical = (features
-                         | "BySha256" >> beam.Map(lambda f: (f["sha256"], f["product_id"]))
+                         | "BySha256" >> beam.Map(lambda f: (f.sha256, f.product_id))
                          | "GroupSha256" >> beam.GroupByKey()
                          | "IdenticalPairs" >> beam.Map(
                              lambda keyed: list(_identical_pairs(keyed))))

@@ -5,8 +5,9 @@ loads the model once per worker process (held in Beam's ``Shared``), sets the
 ``BatchElements`` sizes and runs each batch; each output row is a feature row of the contract:
 product id, image, the L2-normalised float32 embedding, the model id, the
 sha256 of the image bytes, the original width and height, and the carried
-manifest columns. A batch the model rejects is retried image by image so one
-bad image costs one error row, not the batch.
+manifest columns (a :class:`pipeline.features.FeatureRow`). A batch the model
+rejects is retried image by image so one bad image costs one error row, not the
+batch.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipeline.features import image_feature_row
+from pipeline.features import FeatureRow
 from pipeline.locations import redact_location
 from pipeline.models.engines import configure_tf_threads
 from pipeline.models.handler import ModelHandler
@@ -49,7 +50,8 @@ def normalize_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class EmbedBatchFn(beam.DoFn):
-    """Embed a batch of :class:`DecodedRow` records into feature rows; failures to ``errors``.
+    """Embed a batch of :class:`DecodedRow` records into feature rows (:class:`FeatureRow`);
+    failures to ``errors``.
 
     Model calls run on the model's lanes (``engine.lanes`` threads), up to one
     more batch than there are lanes in flight, while Beam's thread goes on
@@ -142,14 +144,15 @@ class EmbedBatchFn(beam.DoFn):
                 continue
             self._embedded.inc()
             # The stored location never holds credentials or tokens (issue 15).
-            yield windowed(image_feature_row(
+            yield windowed(FeatureRow(
                 row.product_id, redact_location(row.image), vector, self._handler.model_id,
                 sha256=row.sha256, width=row.width, height=row.height, etag=row.etag,
                 last_modified=row.last_modified, extra=row.extra))
 
 
 class EmbedImages(beam.PTransform):
-    """:class:`DecodedRow` records → feature-row dicts (main output) and embed-stage errors."""
+    """:class:`DecodedRow` records → :class:`FeatureRow` records (main output) and embed-stage
+    errors."""
 
     def __init__(self, model: ResolvedModel, batch_size: int = 32, threads: int = 0,
                  lanes: int = 1):

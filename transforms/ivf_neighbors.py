@@ -50,6 +50,7 @@ store) by pages, never into memory as a whole.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import tempfile
@@ -60,6 +61,7 @@ import apache_beam as beam
 import numpy as np
 
 from pipeline import files, ivf, similarity_search
+from pipeline.index_description import IndexDescription, ShardWork
 from pipeline.run_layout import CENTROIDS_FILE, IDS_FILE, VECTORS_FILE
 from transforms.neighbor_shards import (
     NEAR_DUPLICATES,
@@ -83,20 +85,21 @@ def _local_dir(index_dir: str) -> str:
 
 
 class TrainIvfFn(beam.DoFn):
-    """One index description → the same with ``nlist``, ``nprobe`` and centroids (IVF only)."""
+    """One :class:`IndexDescription` → a new one with ``nlist``, ``nprobe`` and centroids (IVF
+    only)."""
 
     def __init__(self, nlist: int, nprobe: int, seed: int, recall_target: float):
         self._nlist, self._nprobe = nlist, nprobe
         self._seed, self._target = seed, recall_target
 
-    def process(self, part: dict):
-        if part.get("search") != "ivf" or part["count"] == 0:
+    def process(self, part: IndexDescription):
+        if part.search != "ivf" or part.count == 0:
             yield part
             return
         started = time.time()
         vectors = similarity_search.load_vectors(
-            os.path.join(_local_dir(part["index_dir"]), VECTORS_FILE), mmap=True)
-        n = part["count"]
+            os.path.join(_local_dir(part.index_dir), VECTORS_FILE), mmap=True)
+        n = part.count
         nlist = int(self._nlist or ivf.default_nlist(n))
         sample = np.asarray(vectors[ivf.sample_rows(n, ivf.train_sample_size(n, nlist),
                                                     self._seed)])
@@ -104,17 +107,17 @@ class TrainIvfFn(beam.DoFn):
         coverage = {}
         nprobe = self._nprobe
         if not nprobe:
-            coverage = ivf.list_coverage(vectors, centroids, min(part["query_k"], n - 1),
+            coverage = ivf.list_coverage(vectors, centroids, min(part.query_k, n - 1),
                                          seed=self._seed)
             nprobe = ivf.choose_nprobe(coverage, self._target)
         del sample
-        path = files.join(part["index_dir"], CENTROIDS_FILE)
+        path = files.join(part.index_dir, CENTROIDS_FILE)
         with files.staged_output(path) as staged:
             np.save(staged, centroids, allow_pickle=False)
-        yield dict(part, nlist=int(len(centroids)), nprobe=int(min(nprobe, len(centroids))),
-                   ivf_coverage={str(p): round(c, 4) for p, c in coverage.items()},
-                   ivf_centroids=CENTROIDS_FILE,
-                   ivf_train_seconds=round(time.time() - started, 3))
+        yield dataclasses.replace(
+            part, nlist=int(len(centroids)), nprobe=int(min(nprobe, len(centroids))),
+            ivf_coverage={str(p): round(c, 4) for p, c in coverage.items()},
+            ivf_centroids=CENTROIDS_FILE, ivf_train_seconds=round(time.time() - started, 3))
 
 
 # Tags of the stage's side outputs.
@@ -139,9 +142,9 @@ class _IndexFiles:
         return self._cache[key]
 
 
-def _k_out(piece: dict) -> int:
+def _k_out(piece: ShardWork) -> int:
     """Neighbours kept per row: ``query_k``, or every other row of a smaller partition."""
-    return int(max(0, min(piece["query_k"], piece["count"] - 1)))
+    return int(max(0, min(piece.index.query_k, piece.index.count - 1)))
 
 
 class AssignFn(beam.DoFn):
@@ -157,17 +160,17 @@ class AssignFn(beam.DoFn):
     def __init__(self):
         self._files = _IndexFiles()
 
-    def process(self, work: dict):
-        start, end = work["start"], work["end"]
+    def process(self, work: ShardWork):
+        start, end = work.start, work.end
         if end <= start:
             return
-        vectors, centroids = self._files.get(work["index_dir"], centroids=True)
-        probes = ivf.assign_lists(vectors[start:end], centroids, work["nprobe"])
+        vectors, centroids = self._files.get(work.index.index_dir, centroids=True)
+        probes = ivf.assign_lists(vectors[start:end], centroids, work.index.nprobe)
         piece = _piece_work(work)
         for lst, rows in enumerate(ivf.rows_by_list(probes[:, 0], len(centroids))):
             if len(rows):
-                yield (work["index_dir"], lst), ("m", (rows + start).astype(np.int64), piece)
-        yield beam.pvalue.TaggedOutput(PROBES, (work["shard"], ("probes", piece, probes)))
+                yield (work.index.index_dir, lst), ("m", (rows + start).astype(np.int64), piece)
+        yield beam.pvalue.TaggedOutput(PROBES, (work.shard, ("probes", piece, probes)))
 
 
 class OwnListFn(beam.DoFn):
@@ -184,7 +187,7 @@ class OwnListFn(beam.DoFn):
     def process(self, element):
         (index_dir, _), pieces = element
         # arrival order must not matter
-        pieces = sorted(pieces, key=lambda piece: piece[2]["shard"])
+        pieces = sorted(pieces, key=lambda piece: piece[2].shard)
         if not pieces:
             return
         rows = np.concatenate([r for _, r, _ in pieces])
@@ -201,8 +204,8 @@ class OwnListFn(beam.DoFn):
         for _, piece_rows, piece in pieces:
             where = back[at:at + len(piece_rows)]
             at += len(piece_rows)
-            yield piece["shard"], ("own", piece, rows[where], keys[where])
-            yield beam.pvalue.TaggedOutput(FLOORS, (piece["shard"],
+            yield piece.shard, ("own", piece, rows[where], keys[where])
+            yield beam.pvalue.TaggedOutput(FLOORS, (piece.shard,
                                                     ("floor", rows[where], floor[where])))
 
 
@@ -221,13 +224,13 @@ class RouteQueriesFn(beam.DoFn):
                 floors.append(item[2])
         if piece is None or probes.shape[1] < 2:
             return
-        start = piece["start"]
-        floor = np.full(piece["end"] - start, -np.inf, dtype=np.float32)
+        start = piece.start
+        floor = np.full(piece.end - start, -np.inf, dtype=np.float32)
         if floor_rows:
             floor[np.concatenate(floor_rows) - start] = np.concatenate(floors)
-        for lst, local in enumerate(ivf.rows_by_list(probes[:, 1:], piece["nlist"])):
+        for lst, local in enumerate(ivf.rows_by_list(probes[:, 1:], piece.index.nlist)):
             if len(local):
-                yield ((piece["index_dir"], lst),
+                yield ((piece.index.index_dir, lst),
                        ("q", (local + start).astype(np.int64), floor[local], piece))
 
 
@@ -249,7 +252,7 @@ class FarListFn(beam.DoFn):
         if not members or not queries:
             return
         rows = np.sort(np.concatenate([p[1] for p in members]))  # arrival order must not matter
-        queries.sort(key=lambda p: p[3]["shard"])
+        queries.sort(key=lambda p: p[3].shard)
         q_rows = np.concatenate([p[1] for p in queries])
         floor = np.concatenate([p[2] for p in queries])
         vectors, _ = self._files.get(index_dir)
@@ -262,15 +265,14 @@ class FarListFn(beam.DoFn):
             at += len(piece_rows)
             found = piece_keys != ivf.EMPTY_KEY
             if found.any():
-                yield piece["shard"], ("far", None, np.repeat(piece_rows, found.sum(axis=1)),
+                yield piece.shard, ("far", None, np.repeat(piece_rows, found.sum(axis=1)),
                                        piece_keys[found])
 
 
-def _piece_work(work: dict) -> dict:
-    """The keys of a shard's work item that the list searches and the merge need."""
-    keep = ("index_dir", "partition", "count", "dim", "search", "query_k", "nprobe", "nlist",
-            "start", "end", "shard", "n_shards", "files", "model")
-    return {key: work[key] for key in keep if key in work}
+def _piece_work(work: ShardWork) -> ShardWork:
+    """The shard's work item as the list searches and the merge get it: without the IVF
+    coverage figures, the one field of any size that they never read."""
+    return dataclasses.replace(work, index=dataclasses.replace(work.index, ivf_coverage=None))
 
 
 class MergeWriteFn(beam.DoFn):
@@ -296,13 +298,13 @@ class MergeWriteFn(beam.DoFn):
         if work is None:
             raise ValueError("a shard received list candidates but none of its own rows")
         k_out = _k_out(work)
-        top = ivf.merge_keys(np.concatenate(local) - work["start"], np.concatenate(keys),
-                             work["end"] - work["start"], k_out)
+        top = ivf.merge_keys(np.concatenate(local) - work.start, np.concatenate(keys),
+                             work.end - work.start, k_out)
         indices, sims = ivf.key_rows(top), ivf.key_sims(top)
-        index = self._writer._index(dict(work, files={"annoy": None}))
-        sample = recall_rows(work["count"], self._seed)
-        sample = sample[(sample >= work["start"]) & (sample < work["end"])]
-        hits, wanted = recall_hits(index.vectors, sample, sims[sample - work["start"]], k_out)
+        index = self._writer._index(work)  # an IVF index: no Annoy forest is opened
+        sample = recall_rows(work.index.count, self._seed)
+        sample = sample[(sample >= work.start) & (sample < work.end)]
+        hits, wanted = recall_hits(index.vectors, sample, sims[sample - work.start], k_out)
         yield from write_shard(self._writer, work, index, indices, sims, started,
                                recall=(hits, wanted, len(sample)))
 

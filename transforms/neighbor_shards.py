@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
 from pipeline import files, ivf, neighbor_lines, similarity_search
+from pipeline.index_description import ShardWork
 from pipeline.run_layout import ANNOY_FILE, IDS_FILE, NEIGHBORS_DIR, NEIGHBORS_PREFIX, VECTORS_FILE
 from pipeline.run_layout import PAIRS_PREFIX as FLAT_PREFIX
 from transforms.errors import METRICS_NAMESPACE
@@ -96,15 +97,14 @@ class ShardWriter:
         self._loaded: dict[str, _LoadedIndex] = {}
         self._queried = Metrics.counter(METRICS_NAMESPACE, "neighbors_queried")
 
-    def _index(self, work: dict) -> _LoadedIndex:
-        key = work["index_dir"]
+    def _index(self, work: ShardWork) -> _LoadedIndex:
+        key = work.index.index_dir
         if key not in self._loaded:
-            self._loaded = {key: _LoadedIndex(key, work["dim"], work["files"]["annoy"]
-                                              is not None and work["search"] == "annoy")}
+            self._loaded = {key: _LoadedIndex(key, work.index.dim, work.index.has_annoy)}
         return self._loaded[key]
 
 
-def write_shard(fn: ShardWriter, work: dict, index, indices, sims, started: float,
+def write_shard(fn: ShardWriter, work: ShardWork, index, indices, sims, started: float,
                 recall: tuple[int, int, int] = (0, 0, 0)):
     """Write one shard's neighbour and flat-pair files from its top-k rows and sims.
 
@@ -113,19 +113,19 @@ def write_shard(fn: ShardWriter, work: dict, index, indices, sims, started: floa
     which carries the shard's recall-sample figures (``recall``: hits, wanted,
     sampled products).
     """
-    start, end = work["start"], work["end"]
+    start, end = work.start, work.end
     lines = neighbor_lines.NO_LINES  # an empty shard (no rows, maybe no index) writes empty files
     if end > start:
         lines = neighbor_lines.shard_lines(
             index.id_json, index.product_ids, np.arange(start, end, dtype=np.int64), indices,
             sims, fn._top_k, fn._min_similarity, index.exclude_codes, fn._duplicate_threshold,
-            full_length=min(fn._top_k, work["count"] - 1))
+            full_length=min(fn._top_k, work.index.count - 1))
     fn._queried.inc(lines.rows)
     if lines.near_duplicates:
         # One block per shard: millions of near-duplicate pairs as single elements
         # would cost Beam's per-element overhead each.
         yield beam.pvalue.TaggedOutput(NEAR_DUPLICATES, lines.near_duplicates)
-    shard, n_shards = work["shard"], work["n_shards"]
+    shard, n_shards = work.shard, work.n_shards
     files.write_bytes(
         files.join(fn._output_dir, NEIGHBORS_DIR, shard_name(NEIGHBORS_PREFIX, shard, n_shards)),
         files.escape_line_breaks(lines.neighbors))
@@ -134,6 +134,6 @@ def write_shard(fn: ShardWriter, work: dict, index, indices, sims, started: floa
     yield {"shard": shard, "rows": lines.rows, "pairs": lines.pair_count,
            "full_lists": lines.full_lists,
            "seconds": round(time.time() - started, 3),
-           "search": work.get("search"), "nlist": work.get("nlist"),
-           "nprobe": work.get("nprobe"), "recall_hits": recall[0], "recall_wanted": recall[1],
+           "search": work.index.search, "nlist": work.index.nlist,
+           "nprobe": work.index.nprobe, "recall_hits": recall[0], "recall_wanted": recall[1],
            "recall_sampled": recall[2]}

@@ -19,6 +19,7 @@ from apache_beam.utils import shared
 
 from pipeline import files
 from pipeline.catalog import CatalogInfo
+from pipeline.features import FeatureRow
 from pipeline.http_fetch import FetchConfig
 from pipeline.models.specs import ResolvedModel
 from pipeline.run_layout import (
@@ -65,12 +66,12 @@ class LookUpFn(beam.DoFn):
             lambda: _IndexHolder(SimilarityIndex.open(run_dir, load_model_now=False)),
             tag=f"similarity-index:{run_dir}").index
 
-    def process(self, rows: list[dict]):
-        vectors = np.stack([np.asarray(r["embedding"], dtype=np.float32) for r in rows])
+    def process(self, rows: list[FeatureRow]):
+        vectors = np.stack([np.asarray(r.embedding, dtype=np.float32) for r in rows])
         lists = self._index.query_vectors(vectors, self._top_k, self._partition,
                                           self._min_similarity)
         for row, neighbors in zip(rows, lists):
-            yield {"product_id": row["product_id"], "image": row["image"],
+            yield {"product_id": row.product_id, "image": row.image,
                    "neighbors": neighbors}
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import files, similarity_search
+from pipeline.index_description import IndexDescription, ShardWork
 from pipeline.run_layout import NEIGHBORS_DIR, NEIGHBORS_PREFIX
 from pipeline.run_config import SearchConfig
 from pipeline.run_layout import PAIRS_PREFIX as FLAT_PREFIX
@@ -36,24 +37,28 @@ def rows_per_shard(count: int) -> int:
     return max(1000, min(20_000, math.ceil(count / 16))) if count else 1
 
 
-def plan_shards(indexes: list[dict]):
-    """Split every partition's rows into work items numbered across all partitions.
+# What an empty run's single (empty) shard describes when no index was described at all.
+_NO_INDEX = IndexDescription(index_dir=None, partition=None, count=0, dim=0, model=None)
+
+
+def plan_shards(indexes: list[IndexDescription]):
+    """Split every partition's rows into :class:`ShardWork` items numbered across all
+    partitions.
 
     Partitions are taken in a fixed order (by value) and each is cut into
     fixed row ranges, so shard names and contents depend only on the data.
     """
-    indexes = sorted(indexes, key=lambda d: ("" if d["partition"] is None
-                                             else str(d["partition"])))
-    total = sum(d["count"] for d in indexes)
+    indexes = sorted(indexes, key=lambda d: ("" if d.partition is None else str(d.partition)))
+    total = sum(d.count for d in indexes)
     size = rows_per_shard(total)
-    items = []
+    ranges = []
     for index in indexes:
-        for start in range(0, index["count"], size):
-            items.append(dict(index, start=start, end=min(index["count"], start + size)))
-    if not items:  # an empty run still writes one (empty) shard of each output
-        items.append(dict(indexes[0] if indexes else {"count": 0}, start=0, end=0))
-    for shard, item in enumerate(items):
-        yield dict(item, shard=shard, n_shards=len(items))
+        for start in range(0, index.count, size):
+            ranges.append((index, start, min(index.count, start + size)))
+    if not ranges:  # an empty run still writes one (empty) shard of each output
+        ranges.append((indexes[0] if indexes else _NO_INDEX, 0, 0))
+    for shard, (index, start, end) in enumerate(ranges):
+        yield ShardWork(index, start, end, shard, len(ranges))
 
 
 class QueryNeighborsFn(beam.DoFn):
@@ -67,25 +72,28 @@ class QueryNeighborsFn(beam.DoFn):
                  duplicate_threshold: float | None = None):
         self._writer = ShardWriter(run_dir, top_k, min_similarity, duplicate_threshold)
 
-    def process(self, work: dict):
+    def process(self, work: ShardWork):
         started = time.time()
-        start, end = work["start"], work["end"]
+        start, end = work.start, work.end
+        described = work.index
         index = indices = sims = None
         recall = (0, 0, 0)
         if end > start:
             index = self._writer._index(work)
             rows = np.arange(start, end, dtype=np.int64)
-            query_k = work.get("query_k", self._writer._top_k)
-            if work["search"] == "exact":
+            query_k = (self._writer._top_k if described.query_k is None
+                       else described.query_k)
+            if described.search == "exact":
                 indices, sims = similarity_search.exact_top_k(
                     np.asarray(index.vectors[start:end]), index.vectors, query_k,
                     query_rows=rows)
             else:
                 indices, sims = similarity_search.annoy_top_k(
                     index.annoy, index.vectors, rows, query_k,
-                    candidates=work["candidates"], search_k=work["search_k"])
+                    candidates=described.candidates, search_k=described.search_k)
                 # Annoy is approximate: measure it on the run's recall sample.
-                sample = recall_rows(work["count"], work.get("seed", 42))
+                sample = recall_rows(described.count,
+                                     42 if described.seed is None else described.seed)
                 sample = sample[(sample >= start) & (sample < end)]
                 recall = recall_hits(index.vectors, sample, sims[sample - start],
                                      sims.shape[1]) + (len(sample),)
@@ -93,7 +101,7 @@ class QueryNeighborsFn(beam.DoFn):
 
 
 class QueryNeighbors(beam.PTransform):
-    """Index descriptions → neighbour shards written.
+    """:class:`IndexDescription` records → neighbour shards written.
 
     Exact and Annoy indexes are queried shard by shard against the memory-
     mapped index; IVF indexes go through :class:`transforms.ivf_neighbors.IvfNeighbors`
@@ -119,7 +127,7 @@ class QueryNeighbors(beam.PTransform):
                                                beam.pvalue.AsList(trained))
                 | "SpreadShards" >> beam.Reshuffle())
         by_mode = work | "ByMode" >> beam.Partition(
-            lambda w, _n: 1 if w.get("search") == "ivf" else 0, 2)
+            lambda w, _n: 1 if w.index.search == "ivf" else 0, 2)
         direct = by_mode[0] | "Query" >> beam.ParDo(self._fn).with_outputs(
             NEAR_DUPLICATES, main="shards")
         inverted = by_mode[1] | "Ivf" >> self._ivf

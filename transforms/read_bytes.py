@@ -157,7 +157,7 @@ class ReadImageBytesFn(beam.DoFn):
         location = row.image
         previous = row.previous
         # Features store the redacted location (pipeline/locations.py); older runs the raw one.
-        same_location = previous is not None and previous.get("image") in (
+        same_location = previous is not None and previous.image in (
             location, redact_location(location))
         etag = last_modified = None
         retries = 0
@@ -165,11 +165,11 @@ class ReadImageBytesFn(beam.DoFn):
             if is_url(location):
                 result = self._fetcher.fetch(
                     location,
-                    etag=previous.get("etag") if same_location else None,
-                    last_modified=previous.get("last_modified") if same_location else None)
+                    etag=previous.etag if same_location else None,
+                    last_modified=previous.last_modified if same_location else None)
                 data, etag, last_modified, retries = result.data, result.etag, result.last_modified, result.retries
                 if result.status == 304:
-                    out = row.fetched(None, previous["sha256"], etag, last_modified,
+                    out = row.fetched(None, previous.sha256, etag, last_modified,
                                       unchanged=True)
                     return _Outcome([out], None, 0, retries, _ms_since(started))
             else:
@@ -183,7 +183,7 @@ class ReadImageBytesFn(beam.DoFn):
             record = error_record(row, STAGE_READ, "internal_error", message)
             return _Outcome([pvalue.TaggedOutput(ERRORS, record)], "internal_error", 0, 0, _ms_since(started))
         sha256 = hashlib.sha256(data).hexdigest()
-        unchanged = previous is not None and previous.get("sha256") == sha256
+        unchanged = previous is not None and previous.sha256 == sha256
         # An unchanged image's previous embedding is reused: no need to keep the bytes.
         out: FetchedRow = row.fetched(None if unchanged else data, sha256, etag,
                                       last_modified, unchanged)

@@ -19,7 +19,7 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
 from pipeline import run_layout
-from pipeline.features import FEATURE_COLUMNS, image_feature_row
+from pipeline.features import FEATURE_COLUMNS, FeatureRow
 from pipeline.records import FetchedRow
 from transforms.errors import METRICS_NAMESPACE
 
@@ -29,7 +29,7 @@ PREVIOUS_COLUMNS = FEATURE_COLUMNS
 
 
 class ReadPreviousFeatures(beam.PTransform):
-    """(product_id, previous feature row) pairs from a run directory's features/."""
+    """(product_id, previous :class:`FeatureRow`) pairs from a run directory's features/."""
 
     def __init__(self, run_dir: str):
         super().__init__()
@@ -39,7 +39,8 @@ class ReadPreviousFeatures(beam.PTransform):
         return (pbegin
                 | "ReadParquet" >> beam.io.ReadFromParquet(self._pattern,
                                                            columns=list(PREVIOUS_COLUMNS))
-                | "KeyById" >> beam.Map(lambda row: (row["product_id"], row)))
+                | "KeyById" >> beam.Map(lambda row: (row["product_id"],
+                                                      FeatureRow.from_parquet_row(row))))
 
 
 class SplitUnchangedFn(beam.DoFn):
@@ -59,11 +60,11 @@ class SplitUnchangedFn(beam.DoFn):
         previous = row.previous
         if row.unchanged and previous is not None:
             self._reused.inc()
-            embedding = np.asarray(previous["embedding"], dtype=np.float32)
-            yield pvalue.TaggedOutput(REUSED, image_feature_row(
+            embedding = np.asarray(previous.embedding, dtype=np.float32)
+            yield pvalue.TaggedOutput(REUSED, FeatureRow(
                 row.product_id, row.image, embedding, self._model_id,
-                sha256=previous["sha256"], width=previous["width"],
-                height=previous["height"], etag=row.etag, last_modified=row.last_modified,
+                sha256=previous.sha256, width=previous.width,
+                height=previous.height, etag=row.etag, last_modified=row.last_modified,
                 extra=row.extra))
             return
         if previous is not None or row.unchanged:

@@ -31,7 +31,8 @@ def _dictionary_columns(schema: pa.Schema) -> list[str]:
 
 
 class _ParquetRowWriter:
-    """Buffers feature rows and appends them to one Parquet file in record batches."""
+    """Buffers feature rows (the writer's dicts) and appends them to one Parquet file in
+    record batches."""
 
     def __init__(self, handle, schema: pa.Schema):
         self.handle = handle
@@ -61,7 +62,8 @@ class _ParquetRowWriter:
 
 
 class FeatureParquetSink(filebasedsink.FileBasedSink):
-    """Beam file sink writing feature rows with per-column Parquet settings."""
+    """Beam file sink writing :class:`pipeline.features.FeatureRow` records (or blocks) with
+    per-column Parquet settings."""
 
     def __init__(self, file_path_prefix: str, schema: pa.Schema, file_name_suffix: str = "",
                  blocks: bool = False):
@@ -78,8 +80,8 @@ class FeatureParquetSink(filebasedsink.FileBasedSink):
     def write_record(self, writer: _ParquetRowWriter, value) -> None:
         if self._blocks:
             writer.add_batch(value.batch)
-        else:
-            writer.add(value)
+        else:  # a FeatureRow: its dict for the Parquet writer is made here, at the edge
+            writer.add(value.as_parquet_row())
 
     def close(self, writer: _ParquetRowWriter) -> None:
         writer.close()
@@ -87,7 +89,8 @@ class FeatureParquetSink(filebasedsink.FileBasedSink):
 
 
 class WriteFeatures(beam.PTransform):
-    """Feature rows → ``RUN_DIR/features/features-SSSSS-of-NNNNN.parquet``; yields the file names.
+    """:class:`FeatureRow` records → ``RUN_DIR/features/features-SSSSS-of-NNNNN.parquet``; yields
+    the file names.
 
     With ``blocks``, each element is a block of feature rows (an Arrow record batch
     in ``schema``, see :mod:`pipeline.vector_blocks`), written as one batch.

@@ -17,6 +17,7 @@ from collections import Counter
 import apache_beam as beam
 
 from pipeline import files
+from pipeline.index_description import IndexDescription
 from pipeline.run_layout import MANIFEST_FILE
 from transforms.count_rows import EMBEDDED, INPUT, REMOVED, REUSED, RunCounts
 
@@ -25,14 +26,14 @@ class IncompleteRunError(RuntimeError):
     """The run's counts do not add up; no manifest is written."""
 
 
-def index_summary(indexes: list[dict]) -> dict:
+def index_summary(indexes: list[IndexDescription]) -> dict:
     """The index settings of a run: one entry, or per-partition figures when partitioned."""
-    biggest = max(indexes, key=lambda i: i["count"])
-    summary = {k: biggest[k] for k in ("dim", "metric", "n_trees", "search_k", "candidates",
-                                       "search", "seed")}
-    summary["count"] = sum(i["count"] for i in indexes)
-    if len(indexes) > 1 or indexes[0].get("partition") is not None:
-        summary["partitions"] = {str(i["partition"]): {k: i[k] for k in (
+    biggest = max(indexes, key=lambda i: i.count)
+    summary = {k: getattr(biggest, k) for k in ("dim", "metric", "n_trees", "search_k",
+                                                "candidates", "search", "seed")}
+    summary["count"] = sum(i.count for i in indexes)
+    if len(indexes) > 1 or indexes[0].partition is not None:
+        summary["partitions"] = {str(i.partition): {k: getattr(i, k) for k in (
             "count", "search", "n_trees")} for i in indexes}
     return summary
 
@@ -60,8 +61,8 @@ def recall_estimate(settings: dict, shards: list) -> dict:
             "method": "published lists of sampled products against exact search"}
 
 
-def build_manifest(settings: dict, counts: RunCounts, index: list | None, shards: list,
-                   started_at: float) -> dict:
+def build_manifest(settings: dict, counts: RunCounts, index: list[IndexDescription] | None,
+                   shards: list, started_at: float) -> dict:
     """The manifest document, after checking that no row went missing."""
     input_count, embedded = counts[INPUT], counts[EMBEDDED]
     reused, removed, failures = counts[REUSED], counts[REMOVED], counts.failures()
@@ -76,7 +77,7 @@ def build_manifest(settings: dict, counts: RunCounts, index: list | None, shards
             f"{input_count} input rows but {embedded} embedded + {failed} failed; refusing to "
             f"publish an output that lost rows")
     neighbor_rows = sum(s["rows"] for s in shards)
-    indexed = sum(i["count"] for i in index) if index is not None else None
+    indexed = sum(i.count for i in index) if index is not None else None
     if index is not None and (neighbor_rows != embedded or indexed != embedded):
         raise IncompleteRunError(
             f"{embedded} products embedded but the index holds {indexed} and "
@@ -107,9 +108,10 @@ def build_manifest(settings: dict, counts: RunCounts, index: list | None, shards
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
             "wall_seconds": round(wall, 2),
-            "index_build_seconds": index and round(sum(i["build_seconds"] for i in index), 3),
-            "annoy_build_seconds": index and round(sum(i.get("annoy_build_seconds", 0)
-                                                       for i in index), 3),
+            "index_build_seconds": index and round(sum(i.build_seconds for i in index), 3),
+            "annoy_build_seconds": index and round(sum(
+                0 if i.annoy_build_seconds is None else i.annoy_build_seconds
+                for i in index), 3),
             "query_seconds_total": round(sum(s["seconds"] for s in shards), 2),
             "images_per_second": round(embedded / wall, 2) if wall > 0 else None,
         },
