@@ -6,7 +6,9 @@ pipeline's own decoder (white letterbox) and TFLite/XNNPACK, keeping the last fe
 map so several poolings come from one pass:
 
 * ``lite0`` / ``lite2`` at their native sizes: GAP, max and GeM (p=3) pooled, plain
-  and horizontally flipped;
+  and horizontally flipped; the unflipped views also keep their whole last feature
+  map (``<view>_map.npy``, float16 [N, h, w, 1280]) for the region-grid poolings of
+  ``bench/quality_rerank.py``;
 * ``lite0@288``: one extra scale (GAP);
 * ``lite0_aug{1,2}``: two random augmentations per image (crop, flip, colour), the
   views a self-supervised projection head is trained on.
@@ -93,12 +95,13 @@ def _pool(fmap: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def embed_view(rows, model_path: str, size: int, transform, pools, threads: int = 2):
-    """Pooled features of every row's image under ``transform`` (pixels → pixels)."""
+    """Pooled features of every row's image under ``transform`` (pixels → pixels); the
+    pool ``map`` is the whole feature map, kept as float16."""
     from pipeline.image_decode import decode_image
     from pipeline.models.engines import TfliteEngine
 
     engine = TfliteEngine(model_path, threads=threads, lanes=1)
-    out = {p: np.zeros((len(rows), 1280), np.float32) for p in pools}
+    out = {p: np.zeros((len(rows), 1280), np.float32) for p in pools if p != "map"}
     batch = 8
     for start in range(0, len(rows), batch):
         chunk = rows[start:start + batch]
@@ -106,9 +109,15 @@ def embed_view(rows, model_path: str, size: int, transform, pools, threads: int 
         for row in chunk:
             with open(row["path"], "rb") as handle:
                 pixels.append(transform(decode_image(handle.read(), size).pixels))
-        pooled = _pool(engine.embed_pixels(pixels))
+        fmap = np.asarray(engine.embed_pixels(pixels))
+        pooled = _pool(fmap)
+        if "map" in pools:
+            if "map" not in out:
+                out["map"] = np.zeros((len(rows),) + fmap.shape[1:], np.float16)
+            out["map"][start:start + len(chunk)] = fmap
         for p in pools:
-            out[p][start:start + len(chunk)] = pooled[p]
+            if p != "map":
+                out[p][start:start + len(chunk)] = pooled[p]
     return out
 
 
@@ -127,9 +136,9 @@ def cmd_embed(args) -> int:
     def flip(p):
         return np.ascontiguousarray(p[:, ::-1])
     views = [
-        ("lite0", "efficientnet_lite0", 224, identity, ("gap", "max", "gem")),
+        ("lite0", "efficientnet_lite0", 224, identity, ("gap", "max", "gem", "map")),
         ("lite0_flip", "efficientnet_lite0", 224, flip, ("gap", "max", "gem")),
-        ("lite2", "efficientnet_lite2", 260, identity, ("gap", "max", "gem")),
+        ("lite2", "efficientnet_lite2", 260, identity, ("gap", "max", "gem", "map")),
         ("lite0_aug1", "efficientnet_lite0", 224, "aug1", ("gap",)),
         ("lite0_aug2", "efficientnet_lite0", 224, "aug2", ("gap",)),
         ("lite2_flip", "efficientnet_lite2", 260, flip, ("gap", "max", "gem")),
