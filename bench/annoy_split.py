@@ -54,7 +54,7 @@ def main(argv=None) -> int:
 
     vectors = np.ascontiguousarray(catalog_vectors(args.n, args.dim)[0], dtype=np.float32)
     trees = args.trees or ss.default_n_trees(args.n, args.dim)
-    plan = annoy_forests.forest_plan(args.n, trees, args.seed)
+    plan = annoy_forests.forest_plan(args.n, trees, args.seed, parallel=True)
     rows = np.sort(np.random.default_rng(0).choice(args.n, args.queries, replace=False))
     print(f"N={args.n} D={args.dim} trees={trees} plan="
           + "+".join(f"{part.n_trees}@seed{part.seed}" for part in plan)
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
             ss._build_here(mapped, single, trees, args.seed, on_disk=True)
         split = os.path.join(tmp, "split.ann")
         with StealMeter() as two:
-            ss.build_annoy_index(mapped, split, trees, args.seed, on_disk=True)
+            ss.build_annoy_index(mapped, split, trees, args.seed, on_disk=True, parallel=True)
         print(f"single forest, one thread: {one.seconds:8.1f} s{one.label()}")
         print(f"split build ({len(plan)} at once):  {two.seconds:8.1f} s{two.label()}")
         print(f"ratio single / split: {one.seconds / two.seconds:.2f}x")

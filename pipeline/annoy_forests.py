@@ -61,18 +61,19 @@ class SubForest:
     seed: int
 
 
-def forest_plan(n_items: int, n_trees: int, seed: int) -> tuple[SubForest, ...]:
+def forest_plan(n_items: int, n_trees: int, seed: int,
+                parallel: bool = True) -> tuple[SubForest, ...]:
     """The sub-forests that make up a forest of ``n_trees`` trees over ``n_items`` items.
 
-    One sub-forest (the plain single-threaded build with ``seed``) below
-    ``SPLIT_MIN_ITEMS`` items or for a single tree; otherwise ``SPLIT_FORESTS``
+    One sub-forest (the plain single-threaded build with ``seed``) when not
+    ``parallel``, below ``SPLIT_MIN_ITEMS`` items or for a single tree; otherwise ``SPLIT_FORESTS``
     parts with as equal tree counts as possible (the first ones get the extra
     trees) and seeds ``seed, seed + 1, ...``. The plan is what makes the file's
     bytes reproducible, so it depends on nothing but its arguments.
     """
     if n_trees < 1:
         raise ValueError(f"n_trees must be >= 1, got {n_trees}")
-    if n_items < SPLIT_MIN_ITEMS or n_trees < 2:
+    if not parallel or n_items < SPLIT_MIN_ITEMS or n_trees < 2:
         return (SubForest(n_trees, seed),)
     parts = min(SPLIT_FORESTS, n_trees)
     base, extra = divmod(n_trees, parts)

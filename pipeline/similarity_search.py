@@ -159,16 +159,20 @@ def build_annoy_index(
     seed: int,
     on_disk: bool | None = None,
     isolated: bool = True,
+    parallel: bool = False,
 ) -> None:
     """Build an angular Annoy forest over ``vectors`` (row i = item i) and write it to ``path``.
 
     Deterministic: the same vectors, ``n_trees`` and ``seed`` give a
     byte-identical file. Annoy's own multi-threaded build appends trees in
-    completion order, so it is not used; instead a big forest is built as the
-    fixed sub-forests of :func:`pipeline.annoy_forests.forest_plan` (each on one
-    thread with its own seed, all at once) and merged into one file, which a
-    shop loads like any Annoy index. The plan depends on the catalogue size and
-    ``n_trees`` only, never on the machine.
+    completion order, so it is not used. With ``parallel`` a big forest is
+    built as the fixed sub-forests of :func:`pipeline.annoy_forests.forest_plan`
+    (each on one thread with its own seed, all at once) and merged into one
+    file, which a shop loads like any Annoy index; the plan depends on the
+    catalogue size, ``n_trees`` and ``parallel`` only, never on the machine.
+    Worth it only when nothing else needs the cores: each sub-forest adds every
+    item again, so next to other work the split costs more than it saves
+    (bench/MEASUREMENTS.md, "Annoy build").
 
     With ``on_disk`` (default: when ``vectors.nbytes > ON_DISK_BUILD_BYTES``)
     the forest is built directly in memory-mapped files so the build's
@@ -194,7 +198,7 @@ def build_annoy_index(
         on_disk = vectors.nbytes > ON_DISK_BUILD_BYTES
     path = os.fspath(path)
     tmp_path = f"{path}.building"
-    plan = annoy_forests.forest_plan(n_vectors, int(n_trees), int(seed))
+    plan = annoy_forests.forest_plan(n_vectors, int(n_trees), int(seed), parallel)
     parts = [tmp_path] if len(plan) == 1 else [f"{tmp_path}.{i}" for i in range(len(plan))]
     try:
         if on_disk:

@@ -51,8 +51,9 @@ def _trees(path, n_items, dim, n_roots):
     return forest
 
 
-def test_the_plan_depends_on_size_and_trees_only():
+def test_the_plan_depends_on_size_trees_and_the_parallel_flag_only():
     assert af.forest_plan(af.SPLIT_MIN_ITEMS - 1, 59, 42) == (af.SubForest(59, 42),)
+    assert af.forest_plan(10**6, 59, 42, parallel=False) == (af.SubForest(59, 42),)
     assert af.forest_plan(10**6, 1, 42) == (af.SubForest(1, 42),)
     plan = af.forest_plan(af.SPLIT_MIN_ITEMS, 59, 42)
     assert plan == (af.SubForest(30, 42), af.SubForest(29, 43))
@@ -115,7 +116,8 @@ def test_a_split_build_is_one_forest_with_the_same_bytes_every_time(tmp_path, on
     ss.save_vectors(tmp_path / "v.npy", vectors)
     mapped = ss.load_vectors(tmp_path / "v.npy")
     for name in ("one.ann", "two.ann"):
-        ss.build_annoy_index(mapped, tmp_path / name, 5, 11, on_disk=on_disk, isolated=isolated)
+        ss.build_annoy_index(mapped, tmp_path / name, 5, 11, on_disk=on_disk, isolated=isolated,
+                             parallel=True)
     assert (tmp_path / "one.ann").read_bytes() == (tmp_path / "two.ann").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.ann", "two.ann", "v.npy"]
 
@@ -133,8 +135,8 @@ def test_a_split_build_is_one_forest_with_the_same_bytes_every_time(tmp_path, on
 
 def test_the_split_modes_give_the_same_file(tmp_path):
     vectors = _vectors(af.SPLIT_MIN_ITEMS, 8, 4)
-    ss.build_annoy_index(vectors, tmp_path / "children.ann", 4, 5, on_disk=True)
-    ss.build_annoy_index(vectors, tmp_path / "threads.ann", 4, 5, on_disk=False)
+    ss.build_annoy_index(vectors, tmp_path / "children.ann", 4, 5, on_disk=True, parallel=True)
+    ss.build_annoy_index(vectors, tmp_path / "threads.ann", 4, 5, on_disk=False, parallel=True)
     assert (tmp_path / "children.ann").read_bytes() == (tmp_path / "threads.ann").read_bytes()
 
 
@@ -146,5 +148,13 @@ def test_a_failed_sub_forest_leaves_no_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr(af, "merge_forests", broken_merge)
     with pytest.raises(af.ForestMergeError):
-        ss.build_annoy_index(vectors, tmp_path / "annoy.ann", 4, 5, on_disk=True)
+        ss.build_annoy_index(vectors, tmp_path / "annoy.ann", 4, 5, on_disk=True, parallel=True)
     assert os.listdir(tmp_path) == []
+
+
+def test_without_parallel_a_big_forest_is_the_single_thread_build(tmp_path):
+    """The default build is the one Annoy makes on one thread: the file earlier runs wrote."""
+    vectors = _vectors(af.SPLIT_MIN_ITEMS, 8, 6)
+    ss.build_annoy_index(vectors, tmp_path / "default.ann", 4, 5, on_disk=True)
+    _build(vectors, tmp_path / "plain.ann", 4, 5)
+    assert (tmp_path / "default.ann").read_bytes() == (tmp_path / "plain.ann").read_bytes()

@@ -387,7 +387,8 @@ def test_a_full_disk_during_a_split_annoy_build_is_enospc_and_leaves_nothing(tmp
     disk = _small_tmpfs(tmp_path / "disk", "3m")
     try:
         with pytest.raises(OSError) as caught:
-            ss.build_annoy_index(vectors, disk / "annoy.ann", n_trees=10, seed=1, on_disk=True)
+            ss.build_annoy_index(vectors, disk / "annoy.ann", n_trees=10, seed=1, on_disk=True,
+                                 parallel=True)
         assert caught.value.errno == errno.ENOSPC
         assert caught.value.filename == str(disk / "annoy.ann")
         assert os.listdir(disk) == []

@@ -215,8 +215,12 @@ class BuildAnnoyFn(beam.DoFn):
                 vectors = similarity_search.load_vectors(
                     files.local_path(files.join(part.index_dir, VECTORS_FILE), local),
                     mmap=True)
+                # Only annoy search waits for the forest with nothing else to run;
+                # next to exact/IVF queries the split build made runs slower (README,
+                # "Neighbours at scale"), so there the forest is one single-threaded build.
                 similarity_search.build_annoy_index(vectors, staged, planned.n_trees,
-                                                    self._seed)
+                                                    self._seed,
+                                                    parallel=planned.search == "annoy")
                 del vectors
         annoy_seconds = time.time() - started
         built = dataclasses.replace(
